@@ -1,0 +1,3 @@
+from chronosd.cli import main
+
+raise SystemExit(main())
