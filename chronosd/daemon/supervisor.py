@@ -1,0 +1,335 @@
+"""The daemon: one anyio task group owning the listener, the watcher, the
+reconcile worker, the timers, every running job, the idle monitor and the
+signal handler. Idle exit and SIGTERM take the same path: stop accepting,
+let the work that must finish finish, then cancel the group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from chronosd.config import Config, load_config
+from chronosd.daemon import systemd
+from chronosd.daemon.idle import IdleTracker
+from chronosd.errors import ChronosError, ConfigError, JobsFileError
+from chronosd.fire import Engine, FireResult
+from chronosd.http.auth import FireAuthenticator
+from chronosd.http.routes import DaemonRoutes
+from chronosd.http.server import (
+    HTTPServer,
+    bind_listener,
+    format_listener_address,
+    is_loopback_listener,
+    listener_from_fd,
+)
+from chronosd.jobs.file import read_jobs_file
+from chronosd.jobs.model import Job
+from chronosd.jobs.validate import JobDefaults, validate_document
+from chronosd.log import get_logger
+from chronosd.providers.base import Provider
+from chronosd.providers.local import LocalProvider
+from chronosd.reconcile import Reconciler
+from chronosd.state import StateDB, owner_token
+from chronosd.timefmt import to_wire, utc_now
+
+log = get_logger("chronosd.daemon")
+
+META_LAST_GOOD = "jobs_last_good"
+META_JOBS_ERROR = "jobs_error"
+META_DAEMON = "daemon"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `chronosd run` was asked for on top of the Config."""
+
+    config_path: Path | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def job_defaults(config: Config) -> JobDefaults:
+    return JobDefaults(timezone=config.timezone, timeout=config.runner.default_timeout)
+
+
+class Daemon:
+    def __init__(self, config: Config, options: RunOptions | None = None) -> None:
+        self.config = config
+        self.options = options or RunOptions()
+        self.owner = owner_token()
+        self.sockets = systemd.listen_fds()
+        self.socket_activated = bool(self.sockets)
+        self.idle = IdleTracker(config.resolved_idle_exit(socket_activated=self.socket_activated))
+        self.db = StateDB.open(config.state_dir)
+        self.provider = self._make_provider()
+        self.engine = Engine(
+            config=config,
+            db=self.db,
+            owner=self.owner,
+            idle=self.idle,
+            request_reconcile=self._request_reconcile,
+            max_horizon=config.provider.nas.max_horizon if config.provider.kind == "nas" else None,
+        )
+        self.reconciler = Reconciler(
+            engine=self.engine, provider=self.provider, db=self.db, idle=self.idle
+        )
+        self.jobs_digest: str | None = None
+        self.jobs_error: str | None = None
+        self.server: HTTPServer | None = None
+        self._stopping = False
+        self._conn_held = False
+
+    # ---------------------------------------------------------------- parts
+    def _make_provider(self) -> Provider:
+        if self.config.provider.kind == "nas":
+            from chronosd.providers.nas import NasProvider
+
+            return NasProvider(self.config.provider.nas)
+        return LocalProvider()
+
+    def _request_reconcile(self, job_ids: Sequence[str]) -> None:
+        # The Engine is built before the Reconciler but only asks once the daemon runs.
+        self.reconciler.request(job_ids)
+
+    def _authenticator(self, listeners: Sequence[anyio.abc.SocketListener]) -> FireAuthenticator:
+        from chronosd.http.auth import check_none_allowed, make_authenticator
+
+        auth = self.config.auth
+        mode = auth.effective_mode(self.config.provider.kind)
+        if mode == "none":
+            check_none_allowed(listeners)
+            log.warning("auth.disabled", reason="auth.mode is none; loopback listeners only")
+        return make_authenticator(mode, config=auth, db=self.db)
+
+    async def _listeners(self) -> list[anyio.abc.SocketListener]:
+        if self.sockets:
+            return [await listener_from_fd(s.fd) for s in self.sockets]
+        host, port = self.config.listen_address()
+        return [await bind_listener(host, port)]
+
+    # ---------------------------------------------------------------- jobs.json
+    def load_jobs(self, *, startup: bool = False) -> bool:
+        """Read jobs.json; apply it when valid. A bad file changes nothing that is armed."""
+        path = self.config.jobs
+        try:
+            jobs_file = read_jobs_file(
+                path,
+                defaults=job_defaults(self.config),
+                now=utc_now(),
+                on_invalid_job=self.config.on_invalid_job,
+            )
+        except JobsFileError as exc:
+            self.jobs_error = str(exc)
+            self.jobs_digest = _digest_of(path)
+            self._set_meta(META_JOBS_ERROR, self.jobs_error)
+            log.error("jobs.rejected", path=str(path), error=str(exc))
+            if startup:
+                self._restore_last_good()
+            return False
+        self.jobs_digest = jobs_file.digest
+        self.jobs_error = None
+        self._set_meta(META_JOBS_ERROR, None)
+        for problem in jobs_file.problems:
+            log.warning(
+                "jobs.problem", path=str(path), problem=str(problem), severity=problem.severity
+            )
+        diff = self.engine.apply_jobs(jobs_file.jobs)
+        try:
+            self._set_meta(META_LAST_GOOD, path.read_text(encoding="utf-8-sig"))
+        except OSError:
+            pass
+        log.info(
+            "jobs.loaded",
+            path=str(path),
+            jobs=len(jobs_file.jobs),
+            added=len(diff.added),
+            changed=len(diff.changed),
+            removed=len(diff.removed),
+        )
+        return True
+
+    def _restore_last_good(self) -> None:
+        text = self.db.get_meta(META_LAST_GOOD)
+        if not text:
+            self.engine.apply_jobs([])
+            return
+        validated = validate_document(
+            json.loads(text), defaults=job_defaults(self.config), now=utc_now()
+        )
+        jobs: list[Job] = list(validated.jobs)
+        self.engine.apply_jobs(jobs)
+        log.warning("jobs.kept_last_good", jobs=len(jobs))
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        try:
+            self.db.set_meta(key, value)
+        except ChronosError as exc:
+            log.error("state.write_failed", key=key, error=str(exc))
+
+    async def _on_jobs_changed(self) -> None:
+        if _digest_of(self.config.jobs) == self.jobs_digest:
+            return
+        with self.idle.hold("reload"):
+            self.load_jobs()
+
+    # ---------------------------------------------------------------- fire entry points
+    async def fire(self, job_id: str, fire_at: object) -> FireResult:
+        assert isinstance(fire_at, datetime)
+        return self.engine.handle_fire(job_id, fire_at)
+
+    async def _on_local_due(self, job_id: str, fire_at: datetime) -> None:
+        result = self.engine.handle_fire(job_id, fire_at)
+        if result.start is not None:
+            result.start()
+
+    def health(self) -> dict[str, object]:
+        return {"provider": self.provider.name, "jobs": len(self.engine.jobs)}
+
+    def status_line(self) -> str:
+        armed = sum(1 for j in self.engine.jobs.values() if j.active)
+        text = f"{armed} jobs active, provider {self.provider.name}"
+        if self.jobs_error:
+            text += "; jobs.json invalid (kept last good)"
+        if self.reconciler.last_error:
+            text += f"; reconcile failing: {self.reconciler.last_error}"
+        return text
+
+    # ---------------------------------------------------------------- life cycle
+    async def run(self) -> int:
+        listeners = await self._listeners()
+        authenticator = self._authenticator(listeners)
+        routes = DaemonRoutes(authenticator=authenticator, fire=self.fire, health=self.health)
+        self.server = HTTPServer(routes, on_connections=self._on_connections)
+        self._set_meta(
+            META_DAEMON,
+            json.dumps({"owner": self.owner, "pid": os.getpid(), "started": to_wire(utc_now())}),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                self.engine.bind(tg)
+                self.engine.recover()
+                self.load_jobs(startup=True)
+                self.engine.catch_up()
+                self.engine.start_pending_retries()
+                await tg.start(self.server.serve, listeners)
+                await tg.start(self.reconciler.run)
+                if isinstance(self.provider, LocalProvider):
+                    tg.start_soon(self._run_local, self.provider)
+                tg.start_soon(self._watch)
+                tg.start_soon(self._signals, tg.cancel_scope)
+                systemd.notify_ready(self.status_line())
+                log.info(
+                    "daemon.started",
+                    pid=os.getpid(),
+                    provider=self.provider.name,
+                    socket_activated=self.socket_activated,
+                    idle_exit=self.idle.idle_exit,
+                    listen=[format_listener_address(lst) for lst in listeners],
+                )
+                await self._idle_monitor()
+                await self._shutdown(reason="idle")
+                tg.cancel_scope.cancel()
+        finally:
+            await self.provider.aclose()
+            self._set_meta(META_DAEMON, None)
+            self.db.close()
+        log.info("daemon.stopped", pid=os.getpid())
+        return 0
+
+    async def _run_local(self, provider: LocalProvider) -> None:
+        self.idle.set_resident(True)
+        await provider.run(self._on_local_due)
+
+    def _on_connections(self, count: int) -> None:
+        """The server reports its open connection count; any open one keeps us up."""
+        if count and not self._conn_held:
+            self.idle.acquire("connection")
+        elif not count and self._conn_held:
+            self.idle.release("connection")
+        self._conn_held = bool(count)
+
+    async def _watch(self) -> None:
+        from chronosd.daemon.watcher import watch_jobs_file
+
+        try:
+            await watch_jobs_file(self.config.jobs, self._on_jobs_changed)
+        except Exception as exc:  # a watcher failure must not take the fire path down
+            log.error("watcher.failed", error=str(exc))
+
+    async def _idle_monitor(self) -> None:
+        while True:
+            await self.idle.wait_idle()
+            assert self.server is not None
+            self.server.stop_accepting()
+            # Edits that arrived while we ran may have coalesced into a trigger that
+            # has already been spent: re-read before leaving.
+            if _digest_of(self.config.jobs) != self.jobs_digest and self.load_jobs():
+                await self.reconciler.drain()
+                self.server.resume_accepting()
+                continue
+            return
+
+    async def _shutdown(self, *, reason: str) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        systemd.notify_stopping(f"stopping ({reason})")
+        log.info("daemon.stopping", reason=reason, running=self.engine.active_runs)
+        if self.server is not None:
+            self.server.stop_accepting()
+        if self.engine.active_runs:
+            with anyio.move_on_after(self.config.shutdown_grace):
+                await self.engine.wait_runs()
+            if self.engine.active_runs:
+                log.warning("daemon.stopping_runs", running=self.engine.active_runs)
+                self.engine.stop_runs()
+                with anyio.move_on_after(15):
+                    await self.engine.wait_runs()
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_config()
+                    continue
+                await self._shutdown(reason=signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    def _reload_config(self) -> None:
+        try:
+            config = load_config(
+                config_path=self.options.config_path, overrides=dict(self.options.overrides)
+            )
+        except ConfigError as exc:
+            log.error("config.rejected", error=str(exc))
+            return
+        self.config = config
+        self.engine.config = config
+        log.info("config.reloaded", source=str(config.source) if config.source else None)
+        self.load_jobs()
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def run_daemon(config: Config, options: RunOptions | None = None) -> int:
+    daemon = Daemon(config, options)
+    return anyio.run(daemon.run, backend="asyncio")
+
+
+__all__ = ["Daemon", "RunOptions", "is_loopback_listener", "run_daemon"]
