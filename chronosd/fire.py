@@ -113,6 +113,10 @@ class Engine:
         for job in jobs:
             js = states.get(job.id)
             key = schedule_key(job)
+            if js is not None and not js.schedule_key:
+                # Migrated from a schema that did not record the schedule: adopt, don't re-anchor.
+                js = replace(js, schedule_key=key)
+                self.db.update_job(job.id, schedule_key=key)
             if js is None or js.schedule_key != key:
                 js = JobState(
                     job_id=job.id,

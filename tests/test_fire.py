@@ -58,15 +58,25 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path, *jobs: Job, clock: Clock | None = None,
-              max_horizon: float | None = None) -> AsyncIterator[Rig]:
+async def rig(
+    tmp_path: Path, *jobs: Job, clock: Clock | None = None, max_horizon: float | None = None
+) -> AsyncIterator[Rig]:
     clock = clock or Clock()
     db = StateDB.open(tmp_path / "state")
-    config = Config(jobs=tmp_path / "jobs.json", state_dir=tmp_path / "state",
-                    runner=RunnerConfig(max_concurrent=4))
+    config = Config(
+        jobs=tmp_path / "jobs.json",
+        state_dir=tmp_path / "state",
+        runner=RunnerConfig(max_concurrent=4),
+    )
     reconciled: list[str] = []
-    engine = Engine(config=config, db=db, owner="test:1:x", clock=clock,
-                    request_reconcile=reconciled.extend, max_horizon=max_horizon)
+    engine = Engine(
+        config=config,
+        db=db,
+        owner="test:1:x",
+        clock=clock,
+        request_reconcile=reconciled.extend,
+        max_horizon=max_horizon,
+    )
     # The database stays open after the block so that tests can inspect it.
     async with anyio.create_task_group() as tg:
         engine.bind(tg)
@@ -88,8 +98,11 @@ def gate(tmp: Path, name: str = "gate") -> tuple[list[str], Callable[[], None]]:
 
 
 async def test_accepted_fire_claims_plans_next_then_runs(tmp_path: Path) -> None:
-    job = make_job(id="hello", schedule="every 60s",
-                   command=py("import os; print('hi', os.environ['CHRONOS_TRIGGER'])"))
+    job = make_job(
+        id="hello",
+        schedule="every 60s",
+        command=py("import os; print('hi', os.environ['CHRONOS_TRIGGER'])"),
+    )
     async with rig(tmp_path, job) as r:
         r.clock.now = T0 + 60 * S
         result = r.engine.handle_fire("hello", T0 + 60 * S)
@@ -266,15 +279,20 @@ async def test_repeat_stops_arming_after_n_starts(tmp_path: Path) -> None:
 async def test_failed_run_is_retried_with_backoff(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(planner, "RETRY_BASE", 0.05)
     marker = tmp_path / "attempts"
-    code = (f"import os\np={str(marker)!r}\nopen(p,'a').write(os.environ['CHRONOS_ATTEMPT'])\n"
-            "raise SystemExit(0 if len(open(p).read()) >= 3 else 3)")
+    code = (
+        f"import os\np={str(marker)!r}\nopen(p,'a').write(os.environ['CHRONOS_ATTEMPT'])\n"
+        "raise SystemExit(0 if len(open(p).read()) >= 3 else 3)"
+    )
     job = make_job(id="flaky", schedule="every 60s", retries=5, command=py(code))
     async with rig(tmp_path, job) as r:
         r.clock.now = T0 + 60 * S
         assert r.fire("flaky", T0 + 60 * S).status == "accepted"
     runs = sorted(r.runs("flaky"), key=lambda run: run.attempt)
     assert [(run.attempt, run.trigger, run.status) for run in runs] == [
-        (1, "schedule", "failed"), (2, "retry", "failed"), (3, "retry", "ok")]
+        (1, "schedule", "failed"),
+        (2, "retry", "failed"),
+        (3, "retry", "ok"),
+    ]
     assert marker.read_text() == "123"
 
 
@@ -300,8 +318,11 @@ async def test_waypoint_beyond_the_horizon_rearms_without_running(tmp_path: Path
         r.db.update_job("far", armed_fire=waypoint, armed_confirmed_at=T0)
         r.clock.now = waypoint
         result = r.fire("far", waypoint)
-        assert result.payload() == {"status": "rearmed", "job_id": "far",
-                                    "next": "2026-03-16T12:00:00+00:00"}
+        assert result.payload() == {
+            "status": "rearmed",
+            "job_id": "far",
+            "next": "2026-03-16T12:00:00+00:00",
+        }
         assert r.engine.desired_arm("far") == T0 + timedelta(days=14)
     assert r.runs("far") == []
 
