@@ -185,11 +185,17 @@ class Context:
     def read_jobs(self, path: Path | None = None) -> Any:
         from chronosd.jobs.file import read_jobs_file
 
+        db = self.open_state()
+        known = {}
+        if db is not None:
+            known = {job_id: js.schedule_key for job_id, js in db.all_jobs().items()}
+            db.close()
         return read_jobs_file(
             path or self.config.jobs,
             defaults=self.defaults(),
             now=self.now,
             on_invalid_job=self.config.on_invalid_job,
+            known_schedules=known,
         )
 
     def open_state(self, *, create: bool = False) -> Any:
@@ -667,9 +673,10 @@ def cmd_fire(ctx: Context) -> int:
         f"chronosd: job {job.id}: run {run.run_id} {run.status} (exit {run.exit_code})",
         file=sys.stderr,
     )
-    if run.exit_code is None:
+    code: int | None = run.exit_code
+    if code is None:
         return EXIT_FAIL
-    return run.exit_code if run.exit_code >= 0 else 128 - run.exit_code
+    return code if code >= 0 else 128 - code
 
 
 def cmd_runs(ctx: Context) -> int:

@@ -127,6 +127,7 @@ class Daemon:
                 defaults=job_defaults(self.config),
                 now=utc_now(),
                 on_invalid_job=self.config.on_invalid_job,
+                known_schedules=self._known_schedules(),
             )
         except JobsFileError as exc:
             self.jobs_error = str(exc)
@@ -157,6 +158,10 @@ class Daemon:
             removed=len(diff.removed),
         )
         return True
+
+    def _known_schedules(self) -> dict[str, str]:
+        # A one-shot that already fired stays in jobs.json; its past `at` is not an error.
+        return {job_id: js.schedule_key for job_id, js in self.db.all_jobs().items()}
 
     def _restore_last_good(self) -> None:
         text = self.db.get_meta(META_LAST_GOOD)
@@ -216,6 +221,8 @@ class Daemon:
         )
         try:
             async with anyio.create_task_group() as tg:
+                startup = self.idle.hold("startup")
+                startup.__enter__()
                 self.engine.bind(tg)
                 self.engine.recover()
                 self.load_jobs(startup=True)
@@ -227,6 +234,7 @@ class Daemon:
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
                 tg.start_soon(self._signals, tg.cancel_scope)
+                startup.__exit__(None, None, None)
                 systemd.notify_ready(self.status_line())
                 log.info(
                     "daemon.started",
@@ -267,14 +275,16 @@ class Daemon:
             log.error("watcher.failed", error=str(exc))
 
     async def _idle_monitor(self) -> None:
+        assert self.server is not None
         while True:
             await self.idle.wait_idle()
-            assert self.server is not None
-            self.server.stop_accepting()
-            # Edits that arrived while we ran may have coalesced into a trigger that
-            # has already been spent: re-read before leaving.
-            if _digest_of(self.config.jobs) != self.jobs_digest and self.load_jobs():
-                await self.reconciler.drain()
+            self.server.pause_accepting()
+            # Edits that arrived while we ran may have coalesced into a path-unit trigger
+            # that is already spent: re-read jobs.json before leaving.
+            changed = _digest_of(self.config.jobs) != self.jobs_digest
+            if changed:
+                self.load_jobs()
+            if changed or not self.idle.is_idle:
                 self.server.resume_accepting()
                 continue
             return
