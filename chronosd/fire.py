@@ -170,8 +170,13 @@ class Engine:
             completed=completed,
         )
 
-    def desired_arm(self, job_id: str, *, now: datetime | None = None) -> datetime | None:
-        """The instant the provider should hold for ``job_id`` (None: nothing armed)."""
+    def desired_arm(
+        self, job_id: str, *, now: datetime | None = None, use_horizon: bool = True
+    ) -> datetime | None:
+        """The instant the provider should hold for ``job_id`` (None: nothing armed).
+
+        With ``use_horizon`` an instant beyond the provider's horizon becomes a waypoint.
+        """
         job = self.jobs.get(job_id)
         if job is None or not job.active:
             return None
@@ -179,6 +184,8 @@ class Engine:
         if js is None or js.next_fire is None:
             return None
         fire_at = planner.arm_instant(job, js.next_fire)
+        if not use_horizon:
+            return fire_at
         return planner.waypoint(fire_at, _whole(now or self.clock()), self.max_horizon)
 
     # ------------------------------------------------------------------ start-up catch-up

@@ -4,7 +4,13 @@ A coalescing queue of job ids feeds one worker. Each pass looks at the
 current desired arm of every queued job (from the Engine) and what the
 provider holds (state.db for a persistent provider, the provider itself for
 local timers), and sends only the difference, with bounded concurrency.
-Transient failures are retried with exponential backoff and jitter.
+
+Failures: transient ones (429, 5xx, timeouts) are retried with exponential
+backoff and jitter, honouring Retry-After; a refused token (401/403) or a
+wrong request is not retried in a loop. While a desired arm is unconfirmed
+the daemon stays up, and once it has been unconfirmed for
+``fallback_after`` (at once for a refusal) the job is timed by local timers
+until the provider confirms an arm again, when it is handed back.
 """
 
 from __future__ import annotations
@@ -15,20 +21,24 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
+import anyio.abc
 
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import ProviderError, StateError
 from chronosd.fire import Engine
 from chronosd.log import get_logger
-from chronosd.providers.base import Provider, ProviderRejected, ProviderUnavailable
+from chronosd.providers.base import DueCallback, Provider, ProviderRejected, ProviderUnavailable
+from chronosd.providers.local import LocalProvider
 from chronosd.state import StateDB
-from chronosd.timefmt import to_wire, utc_now
+from chronosd.timefmt import parse_instant, to_wire, utc_now
 
 log = get_logger("chronosd.reconcile")
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
-REJECTED_RETRY = 300.0  # a refused token is tried again only this rarely
+REJECTED_RETRY = 300.0  # a refused token or request is tried again only this rarely
+META_LAST_LIST = "last_list_at"
+COALESCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ def plan_action(
 
 
 def backoff_delay(failures: int, *, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+    """Exponential backoff with jitter, never shorter than the server's Retry-After."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
     delay = random.uniform(ceiling / 2, ceiling)
     return max(delay, retry_after or 0.0)
@@ -68,18 +78,27 @@ class Reconciler:
         idle: IdleTracker | None = None,
         clock: Callable[[], datetime] = utc_now,
         concurrency: int = 16,
+        fallback_after: float = 600.0,
+        list_every: float | None = None,
     ) -> None:
         self.engine = engine
         self.provider = provider
         self.db = db
         self.idle = idle
         self.clock = clock
+        self.fallback_after = fallback_after
+        self.list_every = list_every
+        # Local timers for jobs the provider cannot hold right now (persistent providers only).
+        self.fallback: LocalProvider | None = LocalProvider(clock) if provider.persistent else None
         self._pending: set[str] = set()
         self._wakeup = anyio.Event()
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._failures = 0
         self._busy = False
         self._held = False
+        self._unconfirmed_since: dict[str, datetime] = {}
+        self._deferred: set[str] = set()  # waiting out a backoff before the next try
+        self._retry_at: float | None = None  # anyio clock
         self.last_error: str | None = None
 
     # ---------------------------------------------------------------- queue
@@ -90,7 +109,7 @@ class Reconciler:
 
     @property
     def idle_now(self) -> bool:
-        return not self._pending and not self._busy
+        return not self._pending and not self._busy and not self._deferred
 
     def _sync_hold(self) -> None:
         """Keep the daemon up while anything is queued, in flight or waiting for a retry."""
@@ -99,26 +118,116 @@ class Reconciler:
             (self.idle.acquire if wanted else self.idle.release)("reconcile")
         self._held = wanted
 
+    def _sync_resident(self) -> None:
+        if self.idle is not None and self.fallback is not None:
+            self.idle.set_resident(self.fallback.resident)
+
+    @property
+    def fallback_jobs(self) -> list[str]:
+        return sorted(self.fallback.armed()) if self.fallback is not None else []
+
     # ---------------------------------------------------------------- worker
     async def run(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        on_due: DueCallback | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        task_status.started()
-        while True:
-            if not self._pending:
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
-            await self.drain()
+        async with anyio.create_task_group() as tg:
+            if self.fallback is not None and on_due is not None:
+                tg.start_soon(self.fallback.run, on_due)
+            task_status.started()
+            await self.heal()
+            while True:
+                if not self._pending:
+                    self._wakeup = anyio.Event()
+                    timeout = (
+                        max(0.0, self._retry_at - anyio.current_time())
+                        if self._retry_at is not None
+                        else float("inf")
+                    )
+                    with anyio.move_on_after(timeout):
+                        await self._wakeup.wait()
+                    # Let the reply that queued this go out first, and coalesce a burst.
+                    await anyio.sleep(COALESCE)
+                if self._retry_at is not None and anyio.current_time() >= self._retry_at:
+                    self._pending |= self._deferred
+                    self._deferred.clear()
+                    self._retry_at = None
+                await self.drain()
+
+    async def heal(self, *, force: bool = False) -> bool:
+        """Compare with the provider's own list (at most every ``list_every``).
+
+        Arms the provider lost are re-armed and arms nobody wants are cancelled:
+        the provider's view replaces what state.db believed, and every job it
+        touches goes through the normal pass. Returns whether a list was made.
+        """
+        if not self.provider.persistent:
+            return False
+        now = self.clock()
+        if not force:
+            last = self._meta_instant(META_LAST_LIST)
+            due = last is None or (
+                self.list_every is not None and (now - last).total_seconds() >= self.list_every
+            )
+            if not due:
+                return False
+        try:
+            armed = {a.job_id: a.fire_at for a in await self.provider.list_armed()}
+        except ProviderError as exc:
+            log.warning("arms.list_failed", error=str(exc))
+            return False
+        states = self.db.all_jobs()
+        drift = 0
+        for job_id in set(states) | set(armed):
+            js = states.get(job_id)
+            believed = js.armed_fire if js is not None and js.armed_confirmed_at else None
+            remote = armed.get(job_id)
+            if believed == remote:
+                continue
+            drift += 1
+            if js is not None:
+                self.db.update_job(
+                    job_id,
+                    armed_fire=remote,
+                    armed_confirmed_at=now.replace(microsecond=0) if remote else None,
+                )
+            elif job_id not in self.engine.jobs:
+                # Held by the provider, unknown to us and to jobs.json: cancel it outright.
+                try:
+                    await self.provider.cancel(job_id)
+                    log.info(
+                        "arm.cancelled",
+                        job_id=job_id,
+                        provider=self.provider.name,
+                        reason="not-wanted",
+                    )
+                except ProviderError as exc:
+                    log.warning("arm.cancel_failed", job_id=job_id, error=str(exc))
+                continue
+            self.request([job_id])
+        self._set_meta(META_LAST_LIST, to_wire(now))
+        log.info("arms.listed", provider=self.provider.name, armed=len(armed), drift=drift)
+        return True
 
     async def drain(self) -> bool:
         """One pass over everything queued; True when all of it was confirmed."""
         if not self._pending:
-            return True
+            self._sync_hold()
+            return not self._deferred
         batch, self._pending = self._pending, set()
+        # Jobs waiting out a backoff are not sent again before it ends; a job timed
+        # locally meanwhile still gets its next local arm at once.
+        waiting = batch & self._deferred
+        batch -= waiting
+        for job_id in waiting:
+            if job_id in self.fallback_jobs:
+                await self._fall_back(job_id)
         self._busy = True
         failed: dict[str, ProviderError] = {}
         try:
-            observed = await self._observed(batch)
+            observed = self._observed(batch)
             actions = [
                 a
                 for job_id in sorted(batch)
@@ -143,42 +252,76 @@ class Reconciler:
             async with anyio.create_task_group() as tg:
                 for action in actions:
                     tg.start_soon(apply, action)
+            for job_id in batch - set(failed):
+                await self._hand_back(job_id)
         except StateError as exc:
             failed.update({job_id: ProviderError(str(exc)) for job_id in batch})
         finally:
             self._busy = False
         now = self.clock()
         if failed:
-            first = next(iter(failed.values()))
-            self.last_error = str(first)
-            self._record(now, error=str(first))
-            self._failures += 1
-            if isinstance(first, ProviderRejected):
-                delay = REJECTED_RETRY
-            else:
-                retry_after = first.retry_after if isinstance(first, ProviderUnavailable) else None
-                delay = backoff_delay(self._failures, retry_after=retry_after)
-            log.warning(
-                "reconcile.failed", jobs=len(failed), error=str(first), retry_in=round(delay, 1)
-            )
-            # The ids wait out the backoff marked busy, so the daemon stays up.
-            self._busy = True
-            try:
-                await anyio.sleep(delay)
-            finally:
-                self._busy = False
-                self._pending.update(failed)
+            await self._failed(failed, now)
+            self._sync_hold()
             return False
-        self._failures = 0
-        self.last_error = None
-        self._record(now, error=None)
+        if batch:
+            self._failures = 0
+            self.last_error = None
+            self._record(now, error=None)
         self._sync_hold()
-        return True
+        return not self._deferred
 
-    async def _observed(self, batch: set[str]) -> dict[str, datetime]:
+    async def _failed(self, failed: dict[str, ProviderError], now: datetime) -> None:
+        first = next(iter(failed.values()))
+        self.last_error = str(first)
+        self._record(now, error=str(first))
+        self._failures += 1
+        if isinstance(first, ProviderRejected):
+            delay = REJECTED_RETRY
+        else:
+            retry_after = first.retry_after if isinstance(first, ProviderUnavailable) else None
+            delay = backoff_delay(self._failures, retry_after=retry_after)
+        for job_id, exc in failed.items():
+            since = self._unconfirmed_since.setdefault(job_id, now)
+            waited = (now - since).total_seconds()
+            if isinstance(exc, ProviderRejected) or waited >= self.fallback_after:
+                await self._fall_back(job_id)
+            elif self.fallback is not None:
+                # Try again no later than the moment the job would have to fall back.
+                delay = min(delay, max(self.fallback_after - waited, 0.0))
+        log.warning(
+            "reconcile.failed", jobs=len(failed), error=str(first), retry_in=round(delay, 1)
+        )
+        self._deferred |= set(failed)
+        retry_at = anyio.current_time() + delay
+        self._retry_at = min(self._retry_at or retry_at, retry_at)
+
+    async def _fall_back(self, job_id: str) -> None:
+        """Time ``job_id`` locally until the provider confirms an arm again."""
+        if self.fallback is None:
+            return
+        fire_at = self.engine.desired_arm(job_id, use_horizon=False)
+        current = self.fallback.armed().get(job_id)
+        if fire_at is None:
+            if current is not None:
+                await self.fallback.cancel(job_id)
+        elif current != fire_at:
+            await self.fallback.arm(job_id, fire_at)
+            log.warning(
+                "arm.fallback", job_id=job_id, fire_at=to_wire(fire_at), provider=self.provider.name
+            )
+        self._sync_resident()
+
+    async def _hand_back(self, job_id: str) -> None:
+        self._unconfirmed_since.pop(job_id, None)
+        if self.fallback is not None and job_id in self.fallback.armed():
+            await self.fallback.cancel(job_id)
+            log.info("arm.handed_back", job_id=job_id, provider=self.provider.name)
+            self._sync_resident()
+
+    def _observed(self, batch: set[str]) -> dict[str, datetime]:
         if not self.provider.persistent:
-            armed = await self.provider.list_armed()
-            return {a.job_id: a.fire_at for a in armed if a.job_id in batch}
+            assert isinstance(self.provider, LocalProvider)
+            return {k: v for k, v in self.provider.armed().items() if k in batch}
         states = self.db.all_jobs()
         return {
             job_id: js.armed_fire
@@ -214,9 +357,20 @@ class Reconciler:
         else:
             self.db.delete_job(job_id)
 
-    def _record(self, now: datetime, *, error: str | None) -> None:
+    def _meta_instant(self, key: str) -> datetime | None:
         try:
-            self.db.set_meta("last_reconcile_at", to_wire(now))
-            self.db.set_meta("last_reconcile_error", error)
+            text = self.db.get_meta(key)
+            return parse_instant(text) if text else None
+        except (StateError, ValueError):
+            return None
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        try:
+            self.db.set_meta(key, value)
         except StateError:
             pass
+
+    def _record(self, now: datetime, *, error: str | None) -> None:
+        self._set_meta("last_reconcile_at", to_wire(now))
+        self._set_meta("last_reconcile_error", error)
+        self._set_meta("fallback_jobs", ",".join(self.fallback_jobs) or None)

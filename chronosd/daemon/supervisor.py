@@ -81,7 +81,12 @@ class Daemon:
             max_horizon=config.provider.nas.max_horizon if config.provider.kind == "nas" else None,
         )
         self.reconciler = Reconciler(
-            engine=self.engine, provider=self.provider, db=self.db, idle=self.idle
+            engine=self.engine,
+            provider=self.provider,
+            db=self.db,
+            idle=self.idle,
+            fallback_after=config.provider.fallback_after,
+            list_every=config.provider.nas.list_every,
         )
         self.jobs_digest: str | None = None
         self.jobs_error: str | None = None
@@ -229,7 +234,7 @@ class Daemon:
                 self.engine.catch_up()
                 self.engine.start_pending_retries()
                 await tg.start(self.server.serve, listeners)
-                await tg.start(self.reconciler.run)
+                await tg.start(self.reconciler.run, self._on_local_due)
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
