@@ -21,6 +21,7 @@ from chronosd import planner
 from chronosd.config import Config
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import StateError
+from chronosd.faults import crash_point
 from chronosd.jobs.diff import JobsDiff, diff_jobs
 from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
@@ -337,6 +338,7 @@ class Engine:
         trigger: str,
         coalesced: int = 0,
     ) -> FireResult:
+        crash_point("before-claim")
         won = self.db.claim_and_advance(
             job.id,
             occurrence,
@@ -349,6 +351,7 @@ class Engine:
         if not won:
             log.info("fire.duplicate", job_id=job.id, occurrence=to_wire(occurrence))
             return FireResult("duplicate", 200, job.id)
+        crash_point("after-claim")
         # Re-arm before the job runs: the next fire is recorded; the reconciler arms it.
         self.request_reconcile([job.id])
         log.info(
@@ -375,6 +378,7 @@ class Engine:
         run = self.db.start_run(job.id, occurrence, attempt=1, trigger=trigger, now=now)
 
         def start() -> None:
+            crash_point("after-reply")
             if action == "replace":
                 for control in self._running.get(job.id, ()):
                     control.stop()
@@ -504,6 +508,7 @@ class Engine:
                 )
             finally:
                 self._running[job.id].remove(control)
+            crash_point("after-run")
             with anyio.CancelScope(shield=True):
                 self.db.finish_run(
                     run_id,

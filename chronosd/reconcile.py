@@ -25,6 +25,7 @@ import anyio.abc
 
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import ProviderError, StateError
+from chronosd.faults import crash_point
 from chronosd.fire import Engine
 from chronosd.log import get_logger
 from chronosd.providers.base import DueCallback, Provider, ProviderRejected, ProviderUnavailable
@@ -336,6 +337,7 @@ class Reconciler:
             await self.provider.arm(
                 job_id, action.fire_at, dedup_key=f"{job_id}:{to_wire(action.fire_at)}"
             )
+            crash_point("mid-reconcile")
             self.db.update_job(
                 job_id,
                 armed_fire=action.fire_at,
