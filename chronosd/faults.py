@@ -25,5 +25,5 @@ _ARMED = os.environ.get("CHRONOSD_CRASH_AT", "")
 
 
 def crash_point(name: str) -> None:
-    if _ARMED and _ARMED == name:
+    if _ARMED and name == _ARMED:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -15,6 +15,7 @@ until the provider confirms an arm again, when it is handed back.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -367,10 +368,8 @@ class Reconciler:
             return None
 
     def _set_meta(self, key: str, value: str | None) -> None:
-        try:
+        with contextlib.suppress(StateError):
             self.db.set_meta(key, value)
-        except StateError:
-            pass
 
     def _record(self, now: datetime, *, error: str | None) -> None:
         self._set_meta("last_reconcile_at", to_wire(now))

@@ -46,8 +46,13 @@ async def test_edits_turn_into_arms_and_cancels_on_local_timers(tmp_path: Path) 
     provider = LocalProvider(clock)
     config = Config(jobs=tmp_path / "jobs.json", state_dir=tmp_path / "state")
     reconciler: Reconciler
-    engine = Engine(config=config, db=db, owner="t:1:x", clock=clock,
-                    request_reconcile=lambda ids: reconciler.request(ids))
+    engine = Engine(
+        config=config,
+        db=db,
+        owner="t:1:x",
+        clock=clock,
+        request_reconcile=lambda ids: reconciler.request(ids),
+    )
     reconciler = Reconciler(engine=engine, provider=provider, db=db, idle=idle, clock=clock)
     a = make_job(id="a", schedule="every 60s")
     b = make_job(id="b", schedule="*/10 * * * * *")

@@ -21,7 +21,7 @@ class Arm:
 
 
 class ProviderRejected(ProviderError):
-    """The provider refused the request for good (401/403 or another 4xx); do not retry in a loop."""
+    """The provider refused the request for good (401/403, another 4xx): no retry loop."""
 
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
