@@ -13,13 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from chronosd import __version__
 from chronosd.config import Config, load_config
 from chronosd.durations import format_duration, parse_duration
-from chronosd.errors import ChronosError, JobsFileError, UnknownJobError
+from chronosd.errors import ChronosError, DurationError, JobsFileError, UnknownJobError
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -33,6 +33,31 @@ class CliError(ChronosError):
 
 
 # ---------------------------------------------------------------------- parsing
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of INTERFACE.md (and no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        what = self.prog.removeprefix("chronosd").strip() or "usage"
+        self.exit(
+            EXIT_USAGE,
+            f"chronosd: {what}: {_one_line(message)}; see {self.prog} --help\n",
+        )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument(
@@ -57,13 +82,13 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chronosd", description="A scale-to-zero cron daemon.")
+    parser = _Parser(prog="chronosd", description="A scale-to-zero cron daemon.")
     parser.add_argument("--version", action="version", version=f"chronosd {__version__}")
     add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
         add_global_options(p, suppress=True)
         return p
 
@@ -82,14 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("next", "the next fire instants of a job")
     p.add_argument("job")
-    p.add_argument("-n", type=int, default=5, metavar="N")
-    p.add_argument("--after", metavar="ISO")
+    p.add_argument("-n", type=_positive_int, default=5, metavar="N")
+    p.add_argument(
+        "--after", metavar="ISO", help="start after this instant (naive: in the job's zone)"
+    )
     p.set_defaults(handler=cmd_next)
 
     p = command("status", "daemon-level view: provider, reconcile, unarmed jobs, jobs.json")
     p.set_defaults(handler=cmd_status)
 
-    p = command("add", "add a job to jobs.json")
+    p = command(
+        "add",
+        "add a job to jobs.json",
+        usage="chronosd add ID --schedule S (--command STRING | -- ARGV...) [options]",
+        epilog="Everything after -- is the job's command as an argv list (no shell).",
+    )
     p.add_argument("id")
     p.add_argument("--schedule", required=True)
     p.add_argument(
@@ -112,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cwd")
     p.add_argument("--paused", action="store_true")
     p.add_argument("--disabled", action="store_true")
-    p.add_argument("argv", nargs="*", help="the command as argv (after --)")
-    p.set_defaults(handler=cmd_add)
+    # The argv after "--" is split off in main(): argparse would swallow it as an
+    # empty nargs="*" positional right after ID and then reject the rest.
+    p.set_defaults(handler=cmd_add, argv=[])
 
     for name, help_text in (
         ("remove", "remove a job from jobs.json"),
@@ -130,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("runs", "run history")
     p.add_argument("job", nargs="?")
-    p.add_argument("-n", type=int, default=20, metavar="N")
+    p.add_argument("-n", type=_positive_int, default=20, metavar="N")
     p.set_defaults(handler=cmd_runs)
 
     p = command("logs", "the captured output of a run (newest by default)")
@@ -182,29 +215,47 @@ class Context:
             timezone=self.config.timezone, timeout=self.config.runner.default_timeout
         )
 
-    def read_jobs(self, path: Path | None = None) -> Any:
+    def read_jobs(self, path: Path | None = None, *, check_owner: bool = True) -> Any:
         from chronosd.jobs.file import read_jobs_file
 
         db = self.open_state()
         known = {}
         if db is not None:
-            known = {job_id: js.schedule_key for job_id, js in db.all_jobs().items()}
-            db.close()
+            try:
+                known = {job_id: js.schedule_key for job_id, js in db.all_jobs().items()}
+            finally:
+                db.close()
         return read_jobs_file(
             path or self.config.jobs,
             defaults=self.defaults(),
             now=self.now,
+            check_owner=check_owner,
             on_invalid_job=self.config.on_invalid_job,
             known_schedules=known,
         )
 
     def open_state(self, *, create: bool = False) -> Any:
-        """The state database, or None when there is none yet (and create is False)."""
+        """The state database, or None when there is none yet (and create is False).
+
+        Without ``create`` this is a view: it never creates the state directory and
+        opens read-only, so ``chronosd list`` works for a user who may read but not
+        write the daemon's state. An older schema (not migrated yet) is opened
+        read-write, which migrates it, as the daemon would.
+        """
+        from chronosd.errors import StateError
         from chronosd.state import StateDB
 
-        if not create and not (self.config.state_dir / "state.db").exists():
+        if create:
+            return StateDB.open(self.config.state_dir)
+        if not (self.config.state_dir / "state.db").exists():
             return None
-        return StateDB.open(self.config.state_dir)
+        try:
+            return StateDB.open(self.config.state_dir, read_only=True)
+        except StateError as read_only_error:
+            try:
+                return StateDB.open(self.config.state_dir)
+            except StateError:
+                raise read_only_error from None
 
     def emit(self, data: Any, table: Callable[[], str]) -> None:
         if self.json:
@@ -249,7 +300,7 @@ def _find_job(jobs: Sequence[Any], job_id: str) -> Any:
     for job in jobs:
         if job.id == job_id:
             return job
-    raise UnknownJobError(f"job {job_id!r}: not in jobs.json")
+    raise UnknownJobError(f"job {job_id!r}: not in jobs.json; chronosd list shows its jobs")
 
 
 # ---------------------------------------------------------------------- commands
@@ -263,17 +314,27 @@ def cmd_run(ctx: Context) -> int:
 
 
 def cmd_validate(ctx: Context) -> int:
-    path = ctx.args.file or ctx.config.jobs
+    path: Path = ctx.args.file or ctx.config.jobs
+    # Mode and owner matter for the file chronosd runs; any other file is checked
+    # for its content only (e.g. a draft before it is installed).
+    check_owner = ctx.args.file is None or os.path.realpath(ctx.args.file) == os.path.realpath(
+        ctx.config.jobs
+    )
     try:
-        jobs_file = ctx.read_jobs(path)
+        jobs_file = ctx.read_jobs(path, check_owner=check_owner)
     except JobsFileError as exc:
         problems = getattr(exc, "problems", ())
         if not problems:
             code = 2 if getattr(exc, "unreadable", False) else 1
             if ctx.json:
-                print(json.dumps({"valid": False, "errors": [str(exc)]}, indent=2))
-            else:
-                print(f"chronosd: {exc}", file=sys.stderr)
+                error = {"job": "", "field": "", "message": str(exc), "severity": "error"}
+                print(
+                    json.dumps(
+                        {"valid": False, "path": str(path), "errors": [error], "warnings": []},
+                        indent=2,
+                    )
+                )
+            print(f"chronosd: {_one_line(str(exc))}", file=sys.stderr)
             return code
         errors = [p for p in problems if p.severity == "error"]
         warnings = [p for p in problems if p.severity != "error"]
@@ -355,15 +416,49 @@ def _planned_next(job: Any, js: Any, now: datetime) -> datetime | None:
     return planner.arm_instant(job, nxt) if nxt is not None else None
 
 
+def _live_daemon(db: Any) -> dict[str, Any] | None:
+    """The daemon's record in state.db while that process is alive, else None."""
+    from chronosd.state import owner_alive
+
+    raw = db.get_meta("daemon")
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and owner_alive(str(record.get("owner", ""))):
+        return record
+    return None
+
+
+def _is_armed(js: Any, *, timers_alive: bool) -> bool:
+    # A confirmed arm of the local provider is a timer inside the daemon: it is
+    # gone when the daemon is; a NAS arm outlives us.
+    return (
+        timers_alive
+        and js is not None
+        and js.armed_fire is not None
+        and js.armed_confirmed_at is not None
+    )
+
+
 def cmd_list(ctx: Context) -> int:
     jobs_file = ctx.read_jobs()
     db = ctx.open_state()
-    states = db.all_jobs() if db is not None else {}
+    states: dict[str, Any] = {}
+    daemon = None
+    if db is not None:
+        try:
+            states = db.all_jobs()
+            daemon = _live_daemon(db)
+        finally:
+            db.close()
+    timers_alive = daemon is not None or ctx.config.provider.kind != "local"
     rows: list[dict[str, Any]] = []
     for job in jobs_file.jobs:
         js = states.get(job.id)
         nxt = _planned_next(job, js, ctx.now)
-        armed = js is not None and js.armed_fire is not None and js.armed_confirmed_at is not None
         rows.append(
             {
                 "id": job.id,
@@ -371,13 +466,13 @@ def cmd_list(ctx: Context) -> int:
                 "timezone": job.timezone,
                 "state": _job_state_label(job, js),
                 "next_fire": _wire(nxt),
+                "next_fire_local": _local(nxt, job.timezone) if nxt is not None else None,
+                "next_fire_relative": _relative(nxt, ctx.now) if nxt is not None else None,
                 "last_status": js.last_status if js else None,
-                "armed": armed,
+                "armed": _is_armed(js, timers_alive=timers_alive),
                 "armed_fire": _wire(js.armed_fire) if js else None,
             }
         )
-    if db is not None:
-        db.close()
 
     def table() -> str:
         return _table(
@@ -388,8 +483,8 @@ def cmd_list(ctx: Context) -> int:
                     r["schedule"],
                     r["timezone"],
                     r["state"],
-                    _local(_parse(r["next_fire"]), r["timezone"]),
-                    _relative(_parse(r["next_fire"]), ctx.now),
+                    r["next_fire_local"] or "-",
+                    r["next_fire_relative"] or "",
                     r["last_status"] or "-",
                     "yes" if r["armed"] else "no",
                 ]
@@ -407,39 +502,56 @@ def _parse(text: str | None) -> datetime | None:
     return parse_instant(text) if text else None
 
 
+def _after_instant(text: str, timezone: str) -> datetime:
+    """``--after``: an ISO-8601 instant; without an offset it is read in the job's zone."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"next: --after {text!r}: not an ISO-8601 time; write e.g. 2026-03-28T00:00:00Z",
+            EXIT_USAGE,
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=ZoneInfo(timezone))
+    return value.astimezone(UTC)
+
+
 def cmd_next(ctx: Context) -> int:
     from chronosd import planner
-    from chronosd.timefmt import parse_instant
 
     jobs_file = ctx.read_jobs()
     job = _find_job(jobs_file.jobs, ctx.args.job)
     db = ctx.open_state()
-    js = db.get_job(job.id) if db is not None else None
+    js = None
     if db is not None:
-        db.close()
-    try:
-        after = parse_instant(ctx.args.after) if ctx.args.after else ctx.now
-    except ValueError as exc:
-        raise CliError(f"--after: {exc}", EXIT_USAGE) from None
+        try:
+            js = db.get_job(job.id)
+        finally:
+            db.close()
+    after = _after_instant(ctx.args.after, job.timezone) if ctx.args.after else ctx.now
     anchor = js.anchor if js is not None else ctx.now
     instants: list[datetime] = []
     cursor = after
     runs = js.runs_started if js is not None else 0
-    while len(instants) < max(0, ctx.args.n):
+    while len(instants) < ctx.args.n:
         nxt = planner.next_occurrence(job, cursor, anchor=anchor, runs_started=runs + len(instants))
         if nxt is None:
             break
         instants.append(nxt)
         cursor = nxt
+    fires = [planner.arm_instant(job, i) for i in instants]
     rows = [
         {
-            "local": _local(planner.arm_instant(job, i), job.timezone),
-            "utc": str(_wire(planner.arm_instant(job, i))),
+            "job": job.id,
+            "timezone": job.timezone,
+            "local": _local(fire, job.timezone),
+            "local_iso": fire.astimezone(ZoneInfo(job.timezone)).isoformat(),
+            "utc": str(_wire(fire)),
         }
-        for i in instants
+        for fire in fires
     ]
     ctx.emit(
-        {"job": job.id, "schedule": job.schedule_text, "timezone": job.timezone, "next": rows},
+        rows,
         lambda: (
             _table([f"{job.timezone}", "utc"], [[r["local"], str(r["utc"])] for r in rows])
             if rows
@@ -450,8 +562,6 @@ def cmd_next(ctx: Context) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
-    from chronosd.state import owner_alive
-
     degraded: list[str] = []
     jobs: list[Any] = []
     jobs_valid = True
@@ -475,27 +585,25 @@ def cmd_status(ctx: Context) -> int:
         "running": [],
     }
     if db is not None:
-        daemon = db.get_meta("daemon")
-        if daemon:
-            record = json.loads(daemon)
-            if owner_alive(record.get("owner", "")):
-                info["daemon"] = record
-        info["last_reconcile_at"] = db.get_meta("last_reconcile_at")
-        info["last_reconcile_error"] = db.get_meta("last_reconcile_error")
-        if not jobs_error and db.get_meta("jobs_error"):
-            info["jobs_error"] = db.get_meta("jobs_error")
-        states = db.all_jobs()
-        for job in jobs:
-            js = states.get(job.id)
-            if job.active and not (js is not None and js.completed):
-                armed = js is not None and js.armed_fire is not None and js.armed_confirmed_at
-                if not armed or (not info["daemon"] and ctx.config.provider.kind == "local"):
+        try:
+            info["daemon"] = _live_daemon(db)
+            info["last_reconcile_at"] = db.get_meta("last_reconcile_at")
+            info["last_reconcile_error"] = db.get_meta("last_reconcile_error")
+            if not jobs_error and db.get_meta("jobs_error"):
+                info["jobs_error"] = db.get_meta("jobs_error")
+            states = db.all_jobs()
+            timers_alive = info["daemon"] is not None or ctx.config.provider.kind != "local"
+            for job in jobs:
+                js = states.get(job.id)
+                wanted = job.active and not (js is not None and js.completed)
+                if wanted and not _is_armed(js, timers_alive=timers_alive):
                     info["unarmed"].append(job.id)
-        info["running"] = [
-            {"job": r.job_id, "run_id": r.run_id, "pid": r.pid, "started": _wire(r.started_at)}
-            for r in db.running_runs()
-        ]
-        db.close()
+            info["running"] = [
+                {"job": r.job_id, "run_id": r.run_id, "pid": r.pid, "started": _wire(r.started_at)}
+                for r in db.running_runs()
+            ]
+        finally:
+            db.close()
     else:
         info["unarmed"] = [j.id for j in jobs if j.active]
     if info["last_reconcile_error"]:
@@ -507,9 +615,10 @@ def cmd_status(ctx: Context) -> int:
 
     def table() -> str:
         d = info["daemon"]
+        daemon = f"running, pid {d.get('pid')} since {d.get('started')}" if d else "not running"
         lines = [
             f"provider:        {info['provider']}",
-            f"daemon:          {'running, pid ' + str(d['pid']) + ' since ' + d['started'] if d else 'not running'}",
+            f"daemon:          {daemon}",
             f"jobs.json:       {info['jobs_file']} ({'valid' if jobs_valid else 'INVALID'})",
         ]
         if info["jobs_error"]:
@@ -530,20 +639,31 @@ def cmd_status(ctx: Context) -> int:
 
 
 def _job_record_from_args(ctx: Context) -> dict[str, Any]:
+    from chronosd.timefmt import to_wire
+
     args = ctx.args
     record: dict[str, Any] = {"id": args.id}
     if args.name:
         record["name"] = args.name
     schedule = args.schedule.strip()
     if schedule.lower().startswith("in "):
-        # A relative one-shot is written as the absolute instant it means now.
-        seconds = parse_duration(schedule[3:])
-        schedule = "at " + _wire(ctx.now + timedelta(seconds=seconds))  # type: ignore[operator]
+        # A relative one-shot is written as the absolute instant it means now:
+        # "in" counts from when chronosd first sees the job, which is not now.
+        try:
+            seconds = parse_duration(schedule[3:])
+        except DurationError as exc:
+            raise CliError(f"add: job {args.id}: schedule: {schedule!r}: {exc}") from None
+        if seconds <= 0:
+            raise CliError(
+                f"add: job {args.id}: schedule: {schedule!r} is not in the future; "
+                "give a positive duration such as in 10m"
+            )
+        schedule = "at " + to_wire(ctx.now + timedelta(seconds=seconds))
     record["schedule"] = schedule
     if args.timezone:
         record["timezone"] = args.timezone
     if args.argv and args.shell_command:
-        raise CliError("add: give either --command or an argv after --, not both", EXIT_USAGE)
+        raise CliError(f"add: job {args.id}: give either --command or an argv after --, not both")
     if args.argv:
         record["command"] = list(args.argv)
     elif args.shell_command:
@@ -566,7 +686,7 @@ def _job_record_from_args(ctx: Context) -> dict[str, Any]:
         for item in args.env:
             key, sep, value = item.partition("=")
             if not sep:
-                raise CliError(f"add: --env {item!r} is not KEY=VALUE", EXIT_USAGE)
+                raise CliError(f"add: job {args.id}: --env {item!r} is not KEY=VALUE")
             env[key] = value
         record["env"] = env
     if args.paused:
@@ -585,11 +705,16 @@ def cmd_add(ctx: Context) -> int:
     errors = [p for p in problems if p.severity == "error"]
     if job is None or errors:
         raise CliError("add: " + "; ".join(str(p) for p in errors))
+    for problem in problems:
+        print(f"chronosd: add: warning: {problem}", file=sys.stderr)
 
     def mutate(doc: dict[str, Any]) -> None:
         jobs = _jobs_list(doc)
         if any(isinstance(j, dict) and j.get("id") == record["id"] for j in jobs):
-            raise CliError(f"add: job {record['id']!r} already exists in jobs.json")
+            raise CliError(
+                f"add: job {record['id']}: already in jobs.json; choose another id "
+                "or remove the existing job first"
+            )
         jobs.append(record)
 
     edit_jobs_file(ctx.config.jobs, mutate)
@@ -625,7 +750,7 @@ def cmd_edit_one(ctx: Context) -> int:
                         record["state"] = "scheduled"
                     record["paused"] = False
                 return
-        raise UnknownJobError(f"job {job_id!r}: not in jobs.json")
+        raise UnknownJobError(f"job {job_id!r}: not in jobs.json; chronosd list shows its jobs")
 
     edit_jobs_file(ctx.config.jobs, mutate, create=False)
     verb = {"remove": "removed", "pause": "paused", "resume": "resumed"}[action]
@@ -666,38 +791,48 @@ def cmd_fire(ctx: Context) -> int:
         raise CliError(f"fire: job {job.id!r}: the run was not recorded")
     run = runs[0]
     try:
-        sys.stdout.write(run.output_path.read_text(errors="replace"))
+        output = run.output_path.read_bytes()
     except OSError:
-        pass
-    print(
-        f"chronosd: job {job.id}: run {run.run_id} {run.status} (exit {run.exit_code})",
-        file=sys.stderr,
-    )
+        output = b""
     code: int | None = run.exit_code
-    if code is None:
-        return EXIT_FAIL
-    return code if code >= 0 else 128 - code
+    # A signal (negative exit code) maps to 128+N as in a shell; no exit code at
+    # all (spawn error) is a plain failure.
+    status = EXIT_FAIL if code is None else (code if code >= 0 else 128 - code)
+    if ctx.json:
+        print(json.dumps({**_run_dict(run), "output": output.decode(errors="replace")}, indent=2))
+    else:
+        sys.stdout.buffer.write(output)
+        sys.stdout.flush()
+        print(
+            f"chronosd: job {job.id}: run {run.run_id} {run.status} (exit {run.exit_code})",
+            file=sys.stderr,
+        )
+    return status
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "job": run.job_id,
+        "occurrence": _wire(run.scheduled_at),
+        "trigger": run.trigger,
+        "attempt": run.attempt,
+        "started": _wire(run.started_at),
+        "duration": (run.ended_at - run.started_at).total_seconds() if run.ended_at else None,
+        "status": run.status,
+        "exit_code": run.exit_code,
+    }
 
 
 def cmd_runs(ctx: Context) -> int:
     db = ctx.open_state()
-    runs = db.runs(ctx.args.job, limit=ctx.args.n) if db is not None else []
+    runs = []
     if db is not None:
-        db.close()
-    rows = [
-        {
-            "run_id": r.run_id,
-            "job": r.job_id,
-            "occurrence": _wire(r.scheduled_at),
-            "trigger": r.trigger,
-            "attempt": r.attempt,
-            "started": _wire(r.started_at),
-            "duration": (r.ended_at - r.started_at).total_seconds() if r.ended_at else None,
-            "status": r.status,
-            "exit_code": r.exit_code,
-        }
-        for r in runs
-    ]
+        try:
+            runs = db.runs(ctx.args.job, limit=ctx.args.n)
+        finally:
+            db.close()
+    rows = [_run_dict(r) for r in runs]
     tz = ctx.config.timezone
 
     def table() -> str:
@@ -723,31 +858,35 @@ def cmd_runs(ctx: Context) -> int:
 
 
 def cmd_logs(ctx: Context) -> int:
+    job_id: str = ctx.args.job
+    run_id: str | None = ctx.args.run_id
     db = ctx.open_state()
-    if db is None:
-        raise CliError(f"logs: job {ctx.args.job!r}: no runs recorded")
-    try:
-        if ctx.args.run_id:
-            run = db.get_run(ctx.args.run_id)
-            if run is not None and run.job_id != ctx.args.job:
-                run = None
-        else:
-            runs = db.runs(ctx.args.job, limit=1)
-            run = runs[0] if runs else None
-    finally:
-        db.close()
+    run = None
+    if db is not None:
+        try:
+            if run_id:
+                run = db.get_run(run_id)
+                if run is not None and run.job_id != job_id:
+                    run = None
+            else:
+                runs = db.runs(job_id, limit=1)
+                run = runs[0] if runs else None
+        finally:
+            db.close()
     if run is None:
-        raise CliError(f"logs: job {ctx.args.job!r}: no such run")
+        if run_id:
+            raise CliError(
+                f"logs: job {job_id}: no run {run_id}; chronosd runs {job_id} lists its runs"
+            )
+        raise CliError(f"logs: job {job_id}: no runs recorded; chronosd fire {job_id} runs it now")
     try:
         data = run.output_path.read_bytes()
     except OSError as exc:
-        raise CliError(f"logs: run {run.run_id}: output is gone ({exc.strerror})") from None
+        raise CliError(
+            f"logs: job {job_id}: run {run.run_id}: its output is gone ({exc.strerror})"
+        ) from None
     if ctx.json:
-        print(
-            json.dumps(
-                {"run_id": run.run_id, "job": run.job_id, "output": data.decode(errors="replace")}
-            )
-        )
+        print(json.dumps({**_run_dict(run), "output": data.decode(errors="replace")}, indent=2))
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -755,32 +894,76 @@ def cmd_logs(ctx: Context) -> int:
 
 
 # ---------------------------------------------------------------------- entry
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split the command line at the first ``--``: options, then a job's argv."""
+    args = list(argv)
+    if "--" in args:
+        at = args.index("--")
+        return args[:at], args[at + 1 :]
+    return args, []
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return (
+        " ".join(name for name in (args.command, getattr(args, "nas_command", None)) if name)
+        or "chronosd"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    options, job_argv = _split_argv(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(options)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    command = _command_name(args)
+    if extra or (job_argv and args.handler is not cmd_add):
+        unknown = " ".join(extra + (["--", *job_argv] if args.handler is not cmd_add else []))
+        hint = f"see chronosd {command} --help"
+        print(f"chronosd: {command}: unrecognized arguments: {unknown}; {hint}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.handler is cmd_add:
+        args.argv = job_argv
     debug = args.log_level == "debug" or os.environ.get("CHRONOSD_LOG_LEVEL") == "debug"
     try:
         ctx = Context(args)
         code: int = args.handler(ctx)
         return code
     except CliError as exc:
-        print(f"chronosd: {exc}", file=sys.stderr)
+        print(f"chronosd: {_one_line(str(exc))}", file=sys.stderr)
         return exc.code
-    except UnknownJobError as exc:
-        print(f"chronosd: {exc}", file=sys.stderr)
-        return EXIT_FAIL
     except ChronosError as exc:
         if debug:
             raise
-        print(f"chronosd: {exc}", file=sys.stderr)
+        print(f"chronosd: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return EXIT_OK
+    except Exception as exc:
+        if debug:
+            raise
+        # Not one of ours: still one line, with the way to the traceback.
+        print(
+            f"chronosd: {command}: unexpected {type(exc).__name__}: {_one_line(str(exc))}; "
+            "run with --log-level debug for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+
+
+def _silence_stdout() -> None:
+    # The reader went away (chronosd list | head): point stdout at /dev/null so
+    # the interpreter's final flush does not print a BrokenPipeError of its own.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Durations as people write them: ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``; plain numbers are seconds."""
+"""Durations as people write them: `90s`, `30m`, `2h`, `1d`, `1h30m`; numbers are seconds."""
 
 from __future__ import annotations
 
