@@ -320,8 +320,9 @@ class Engine:
         nxt = planner.next_occurrence(
             job, occurrence, anchor=js.anchor, runs_started=js.runs_started + 1
         )
-        if nxt is not None and nxt < now - timedelta(seconds=planner.TOO_EARLY):
-            # Far behind (a slow delivery): skip ahead rather than arm the past.
+        if nxt is not None and nxt <= now:
+            # A late delivery: occurrences that are already due coalesce into this run
+            # instead of firing one after another in a burst (DESIGN.md 4).
             nxt = planner.next_occurrence(
                 job, now, anchor=js.anchor, runs_started=js.runs_started + 1
             )

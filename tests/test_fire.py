@@ -346,3 +346,16 @@ async def _until(predicate: Callable[[], bool]) -> None:
     with anyio.fail_after(10):
         while not predicate():
             await anyio.sleep(0.02)
+
+
+async def test_late_delivery_coalesces_the_occurrences_already_due(tmp_path: Path) -> None:
+    job = make_job(id="burst", schedule="every 15s", command=py("print(1)"))
+    async with rig(tmp_path, job) as r:
+        # The NAS delivers the 12:00:15 occurrence a minute late (within the 2 min grace).
+        r.clock.now = T0 + 75 * S
+        assert r.fire("burst", T0 + 15 * S).status == "accepted"
+        js = r.db.get_job("burst")
+        assert js is not None and js.next_fire == T0 + 90 * S
+        # The occurrences in between are not fired one after another.
+        assert r.fire("burst", T0 + 30 * S).status == "stale"
+    assert [run.scheduled_at for run in r.runs("burst")] == [T0 + 15 * S]
