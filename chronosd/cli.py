@@ -182,6 +182,9 @@ def _register_extra_commands(
     from chronosd.nas.cli import register as register_nas
 
     register_nas(sub, command)
+    from chronosd.install import register as register_systemd
+
+    register_systemd(sub, command)
 
 
 # ---------------------------------------------------------------------- context

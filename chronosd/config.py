@@ -23,7 +23,13 @@ NEVER = float("inf")
 
 
 def _home() -> Path:
-    return Path(os.environ.get("HOME") or Path.home())
+    if os.environ.get("HOME"):
+        return Path(os.environ["HOME"])
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        # A dynamic user without an nss entry has no home; the working directory stands in.
+        return Path.cwd()
 
 
 def user_config_path() -> Path:
