@@ -6,6 +6,8 @@ let the work that must finish finish, then cancel the group.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ from chronosd.http.auth import FireAuthenticator
 from chronosd.http.routes import DaemonRoutes
 from chronosd.http.server import (
     HTTPServer,
+    Request,
+    Response,
     bind_listener,
     format_listener_address,
     is_loopback_listener,
@@ -48,6 +53,13 @@ log = get_logger("chronosd.daemon")
 META_LAST_GOOD = "jobs_last_good"
 META_JOBS_ERROR = "jobs_error"
 META_DAEMON = "daemon"
+
+# The cold fire path answers before watchfiles (a Rust extension, and multiprocessing with it)
+# is imported: the watcher starts once the first request has been answered (or its connection
+# closed unanswered), or this long after READY when no connection is open (a path-unit start).
+# Edits made before the watch is installed are caught by comparing jobs.json with what was
+# loaded as soon as it is; the idle exit compares once more.
+WATCH_DELAY = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class Daemon:
         self.server: HTTPServer | None = None
         self._stopping = False
         self._conn_held = False
+        self._first_reply = anyio.Event()
+        self._served = anyio.Event()  # set when the server has answered its last request
+        self._connections = 0
 
     # ---------------------------------------------------------------- parts
     def _make_provider(self) -> Provider:
@@ -150,10 +165,8 @@ class Daemon:
                 "jobs.problem", path=str(path), problem=str(problem), severity=problem.severity
             )
         diff = self.engine.apply_jobs(jobs_file.jobs)
-        try:
+        with contextlib.suppress(OSError):
             self._set_meta(META_LAST_GOOD, path.read_text(encoding="utf-8-sig"))
-        except OSError:
-            pass
         log.info(
             "jobs.loaded",
             path=str(path),
@@ -193,11 +206,20 @@ class Daemon:
             self.load_jobs()
 
     # ---------------------------------------------------------------- fire entry points
+    # Once shutdown has begun nothing new is claimed: a run started now would only be stopped
+    # at the end of shutdown_grace. An unclaimed occurrence is not lost: the caller retries a
+    # 503 (and under socket activation reaches the next instance), and a local timer's
+    # occurrence is caught up at the next start.
     async def fire(self, job_id: str, fire_at: object) -> FireResult:
         assert isinstance(fire_at, datetime)
+        if self._stopping:
+            return FireResult("unavailable", 503, job_id, error="chronosd is shutting down")
         return self.engine.handle_fire(job_id, fire_at)
 
     async def _on_local_due(self, job_id: str, fire_at: datetime) -> None:
+        if self._stopping:
+            log.info("fire.deferred", job_id=job_id, fire_at=to_wire(fire_at), reason="stopping")
+            return
         result = self.engine.handle_fire(job_id, fire_at)
         if result.start is not None:
             result.start()
@@ -219,7 +241,7 @@ class Daemon:
         listeners = await self._listeners()
         authenticator = self._authenticator(listeners)
         routes = DaemonRoutes(authenticator=authenticator, fire=self.fire, health=self.health)
-        self.server = HTTPServer(routes, on_connections=self._on_connections)
+        self.server = HTTPServer(partial(self._answer, routes), on_connections=self._on_connections)
         self._set_meta(
             META_DAEMON,
             json.dumps({"owner": self.owner, "pid": os.getpid(), "started": to_wire(utc_now())}),
@@ -233,7 +255,7 @@ class Daemon:
                 self.load_jobs(startup=True)
                 self.engine.catch_up()
                 self.engine.start_pending_retries()
-                await tg.start(self.server.serve, listeners)
+                await tg.start(self._serve, listeners)
                 await tg.start(self.reconciler.run, self._on_local_due)
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
@@ -259,9 +281,37 @@ class Daemon:
         log.info("daemon.stopped", pid=os.getpid())
         return 0
 
+    async def _serve(
+        self,
+        listeners: Sequence[anyio.abc.SocketListener],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        assert self.server is not None
+        try:
+            await self.server.serve(listeners, task_status=task_status)
+        finally:
+            self._served.set()
+
     async def _run_local(self, provider: LocalProvider) -> None:
         self.idle.set_resident(True)
         await provider.run(self._on_local_due)
+
+    async def _answer(self, routes: DaemonRoutes, request: Request) -> Response:
+        """The routes' answer; the first one sent releases the watcher (see WATCH_DELAY)."""
+        response = await routes(request)
+        if self._first_reply.is_set():
+            return response
+        then = response.on_sent
+
+        def sent() -> None:
+            try:
+                if then is not None:
+                    then()
+            finally:
+                self._first_reply.set()
+
+        return dataclasses.replace(response, on_sent=sent)
 
     def _on_connections(self, count: int) -> None:
         """The server reports its open connection count; any open one keeps us up."""
@@ -269,13 +319,26 @@ class Daemon:
             self.idle.acquire("connection")
         elif not count and self._conn_held:
             self.idle.release("connection")
+        if count < self._connections:
+            self._first_reply.set()  # a connection closed without an answer counts as one
+        self._connections = count
         self._conn_held = bool(count)
 
     async def _watch(self) -> None:
+        with anyio.move_on_after(WATCH_DELAY):
+            await self._first_reply.wait()
+        if self._conn_held:
+            # A request still on its way in (a slow client, a loaded machine) is answered first.
+            await self._first_reply.wait()
+        if self._stopping:
+            return
         from chronosd.daemon.watcher import watch_jobs_file
 
         try:
-            await watch_jobs_file(self.config.jobs, self._on_jobs_changed)
+            async with anyio.create_task_group() as tg:
+                await tg.start(watch_jobs_file, self.config.jobs, self._on_jobs_changed)
+                log.info("watch.started", path=str(self.config.jobs))
+                await self._on_jobs_changed()
         except Exception as exc:  # a watcher failure must not take the fire path down
             log.error("watcher.failed", error=str(exc))
 
@@ -302,14 +365,16 @@ class Daemon:
         log.info("daemon.stopping", reason=reason, running=self.engine.active_runs)
         if self.server is not None:
             self.server.stop_accepting()
+        # Requests already being received or handled are answered (a claim committed for one
+        # must still start its run), then the runs get what is left of the grace.
+        with anyio.move_on_after(self.config.shutdown_grace):
+            await self._served.wait()
+            await self.engine.wait_runs()
         if self.engine.active_runs:
-            with anyio.move_on_after(self.config.shutdown_grace):
+            log.warning("daemon.stopping_runs", running=self.engine.active_runs)
+            self.engine.stop_runs()
+            with anyio.move_on_after(15):
                 await self.engine.wait_runs()
-            if self.engine.active_runs:
-                log.warning("daemon.stopping_runs", running=self.engine.active_runs)
-                self.engine.stop_runs()
-                with anyio.move_on_after(15):
-                    await self.engine.wait_runs()
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
