@@ -524,7 +524,6 @@ def _argv0(argv: tuple[str, ...]) -> str | None:
 
 
 def _log() -> Any:
-    # structlog stays off the cold fire path until something is worth logging.
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()

@@ -1051,6 +1051,6 @@ def owner_alive(owner: str) -> bool:
 
 
 def _log() -> Any:
-    import structlog  # lazily: state.py is on the start-up path
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()

@@ -125,6 +125,6 @@ async def _watch_loop(
 
 
 def _log_debug(event: str, **context: object) -> None:
-    import structlog
+    from chronosd.log import get_logger
 
-    structlog.get_logger().debug(event, **context)
+    get_logger().debug(event, **context)

@@ -60,9 +60,9 @@ JWK = dict[str, Any]
 
 
 def _log() -> Any:
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()
 
 
 def _show(value: object, limit: int = 40) -> str:

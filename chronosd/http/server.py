@@ -133,9 +133,9 @@ _REJECTION_MESSAGES = {
 
 
 def _log() -> Any:
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()
 
 
 @dataclass(frozen=True)
