@@ -92,6 +92,9 @@ class Reconciler:
         self.list_every = list_every
         # Local timers for jobs the provider cannot hold right now (persistent providers only).
         self.fallback: LocalProvider | None = LocalProvider(clock) if provider.persistent else None
+        # Jobs timed by those timers until handed back. Not the timers' own arms: an arm is
+        # gone from them while its fire is handled, and the job must still get its next one.
+        self._local: set[str] = set()
         self._pending: set[str] = set()
         self._wakeup = anyio.Event()
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -122,11 +125,11 @@ class Reconciler:
 
     def _sync_resident(self) -> None:
         if self.idle is not None and self.fallback is not None:
-            self.idle.set_resident(self.fallback.resident)
+            self.idle.set_resident(bool(self._local))
 
     @property
     def fallback_jobs(self) -> list[str]:
-        return sorted(self.fallback.armed()) if self.fallback is not None else []
+        return sorted(self._local)
 
     # ---------------------------------------------------------------- worker
     async def run(
@@ -306,16 +309,23 @@ class Reconciler:
         if fire_at is None:
             if current is not None:
                 await self.fallback.cancel(job_id)
-        elif current != fire_at:
-            await self.fallback.arm(job_id, fire_at)
-            log.warning(
-                "arm.fallback", job_id=job_id, fire_at=to_wire(fire_at), provider=self.provider.name
-            )
+            self._local.discard(job_id)
+        else:
+            self._local.add(job_id)
+            if current != fire_at:
+                await self.fallback.arm(job_id, fire_at)
+                log.warning(
+                    "arm.fallback",
+                    job_id=job_id,
+                    fire_at=to_wire(fire_at),
+                    provider=self.provider.name,
+                )
         self._sync_resident()
 
     async def _hand_back(self, job_id: str) -> None:
         self._unconfirmed_since.pop(job_id, None)
-        if self.fallback is not None and job_id in self.fallback.armed():
+        if self.fallback is not None and job_id in self._local:
+            self._local.discard(job_id)
             await self.fallback.cancel(job_id)
             log.info("arm.handed_back", job_id=job_id, provider=self.provider.name)
             self._sync_resident()

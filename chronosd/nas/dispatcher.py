@@ -6,7 +6,15 @@ dispatcher owns: at most ``max_in_flight`` at a time, and at most ``max_in_fligh
 to any one agent. The second bound spares an agent a burst of simultaneous fires (each one may
 start a job) and keeps the connection pool small: httpx's pool costs grow with the connections
 it holds, and past a dozen or so to one host, more concurrency delivers a burst slower, not
-faster. A 2xx is a delivery; anything else is retried with exponential backoff (doubling from
+faster.
+
+Each agent with deliveries under way has its own HTTP client: connections are reused through
+a burst, and closed as soon as nothing is in flight to that agent. A socket-activated agent
+counts an open connection as activity, so a connection left idle in a pool would keep it
+awake until the agent's own keep-alive timeout (httpx expires idle connections only when the
+pool is next used, which for a quiet agent is its next fire).
+
+A 2xx is a delivery; anything else is retried with exponential backoff (doubling from
 ``backoff_base`` up to ``backoff_cap``, or what ``Retry-After`` asks for) until
 ``max_delivery_age`` after the fire instant, when the arm becomes a dead letter.
 Outcomes are written only if the arm still has the generation the delivery started with (see
@@ -20,6 +28,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +100,7 @@ class Dispatcher:
         self,
         store: NASStore,
         keyring: KeyRing,
-        client: httpx.AsyncClient,
+        new_client: Callable[[], httpx.AsyncClient],
         *,
         issuer: str,
         policy: RetryPolicy = RetryPolicy(),
@@ -102,7 +111,8 @@ class Dispatcher:
     ) -> None:
         self._store = store
         self._keyring = keyring
-        self._client = client
+        self._new_client = new_client
+        self._clients: dict[str, httpx.AsyncClient] = {}  # agents with deliveries in flight
         self._issuer = issuer
         self._policy = policy
         self._timeout = delivery_timeout
@@ -125,20 +135,26 @@ class Dispatcher:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Deliver until cancelled. Deliveries cut short are retried by the next start."""
-        async with anyio.create_task_group() as deliveries:
-            task_status.started()
-            while True:
-                self._wake = wake = anyio.Event()
-                try:
-                    delay = self._dispatch(deliveries)
-                except sqlite3.Error as exc:
-                    # Another process holding the database past the busy timeout must not
-                    # take the NAS down; what was due is still due a moment later.
-                    _log().error("nas.dispatch_failed", error=str(exc))
-                    delay = self._policy.backoff_base
-                if delay is None or delay > 0:
-                    with anyio.move_on_after(math.inf if delay is None else delay):
-                        await wake.wait()
+        try:
+            async with anyio.create_task_group() as deliveries:
+                task_status.started()
+                while True:
+                    self._wake = wake = anyio.Event()
+                    try:
+                        delay = self._dispatch(deliveries)
+                    except sqlite3.Error as exc:
+                        # Another process holding the database past the busy timeout must not
+                        # take the NAS down; what was due is still due a moment later.
+                        _log().error("nas.dispatch_failed", error=str(exc))
+                        delay = self._policy.backoff_base
+                    if delay is None or delay > 0:
+                        with anyio.move_on_after(math.inf if delay is None else delay):
+                            await wake.wait()
+        finally:
+            clients, self._clients = list(self._clients.values()), {}
+            with anyio.CancelScope(shield=True):
+                for client in clients:
+                    await _close(client)
 
     def _dispatch(self, group: anyio.abc.TaskGroup) -> float | None:
         """Start what is due; return how long to wait for the next arm (None: until woken)."""
@@ -192,6 +208,18 @@ class Dispatcher:
             if remaining:
                 self._per_agent[arm.agent] = remaining
             self._wake.set()
+            if not remaining:
+                # Let go of the agent's connections; the next delivery opens a new one.
+                client = self._clients.pop(arm.agent, None)
+                if client is not None:
+                    with anyio.CancelScope(shield=True):
+                        await _close(client)
+
+    def _client_for(self, agent: str) -> httpx.AsyncClient:
+        client = self._clients.get(agent)
+        if client is None:
+            client = self._clients[agent] = self._new_client()
+        return client
 
     async def _attempt(self, arm: Arm) -> None:
         import httpx
@@ -208,7 +236,7 @@ class Dispatcher:
         retry_after: float | None = None
         try:
             with anyio.fail_after(self._timeout):
-                response = await self._client.post(
+                response = await self._client_for(arm.agent).post(
                     fire_url(arm.callback_url),
                     json={"job_id": arm.job_id, "fire_at": arm.fire_at},
                     headers={"authorization": f"Bearer {token}"},
@@ -257,3 +285,8 @@ class Dispatcher:
             retry_in=round(next_attempt - now, 3),
             **context,
         )
+
+
+async def _close(client: httpx.AsyncClient) -> None:
+    with suppress(Exception):  # closing sockets that failed already must not stop the NAS
+        await client.aclose()
