@@ -301,32 +301,14 @@ class Engine:
             # Delivered for a later occurrence than planned (state restored from
             # an older copy, say): plan as if this one had been next.
             js = replace(js, next_fire=occurrence)
-        return (
-            self._decide_overdue(job, js, now, trigger=trigger)
-            if (planner.misfire_action(job, occurrence, now, anchor=js.anchor) != "run")
-            else self._claim_and_start(
-                job,
-                js,
-                occurrence,
-                self._next_after_claim(job, js, occurrence, now),
-                now,
-                trigger=trigger,
-            )
+        if planner.misfire_action(job, occurrence, now, anchor=js.anchor) != "run":
+            return self._decide_overdue(job, js, now, trigger=trigger)
+        next_fire, coalesced = planner.next_after_claim(
+            job, occurrence, now, anchor=js.anchor, runs_started=js.runs_started + 1
         )
-
-    def _next_after_claim(
-        self, job: Job, js: JobState, occurrence: datetime, now: datetime
-    ) -> datetime | None:
-        nxt = planner.next_occurrence(
-            job, occurrence, anchor=js.anchor, runs_started=js.runs_started + 1
+        return self._claim_and_start(
+            job, js, occurrence, next_fire, now, trigger=trigger, coalesced=coalesced
         )
-        if nxt is not None and nxt <= now:
-            # A late delivery: occurrences that are already due coalesce into this run
-            # instead of firing one after another in a burst (DESIGN.md 4).
-            nxt = planner.next_occurrence(
-                job, now, anchor=js.anchor, runs_started=js.runs_started + 1
-            )
-        return nxt
 
     def _claim_and_start(
         self,

@@ -92,6 +92,25 @@ def misfire_action(
     return "catch-up" if job.catch_up else "missed"
 
 
+def next_after_claim(
+    job: Job, occurrence: datetime, now: datetime, *, anchor: datetime, runs_started: int
+) -> tuple[datetime | None, int]:
+    """The occurrence to arm next once ``occurrence`` is claimed at ``now``.
+
+    A late claim leaves later occurrences due already: those still within their
+    grace stay due and run in turn; those beyond it coalesce into this run (the
+    count is returned) rather than each running late (DESIGN.md 4).
+    """
+    nxt = next_occurrence(job, occurrence, anchor=anchor, runs_started=runs_started)
+    coalesced = 0
+    while nxt is not None and nxt <= now and misfire_action(job, nxt, now, anchor=anchor) != "run":
+        coalesced += 1
+        if coalesced >= 10_000:  # a very long outage of a very frequent job: stop counting
+            return next_occurrence(job, now, anchor=anchor, runs_started=runs_started), coalesced
+        nxt = next_occurrence(job, nxt, anchor=anchor, runs_started=runs_started)
+    return nxt, coalesced
+
+
 def overlap_action(job: Job, *, running: int, queued: int) -> OverlapAction:
     """How a new run of ``job`` starts while ``running`` runs of it are alive."""
     if running == 0 or job.overlap == "allow":

@@ -348,14 +348,28 @@ async def _until(predicate: Callable[[], bool]) -> None:
             await anyio.sleep(0.02)
 
 
-async def test_late_delivery_coalesces_the_occurrences_already_due(tmp_path: Path) -> None:
-    job = make_job(id="burst", schedule="every 15s", command=py("print(1)"))
+async def test_late_delivery_leaves_occurrences_within_grace_due(tmp_path: Path) -> None:
+    job = make_job(id="late15", schedule="every 15s", command=py("print(1)"))
     async with rig(tmp_path, job) as r:
-        # The NAS delivers the 12:00:15 occurrence a minute late (within the 2 min grace).
+        # Delivered a minute late: within the 2 min grace, so the later ones still run.
+        r.clock.now = T0 + 75 * S
+        assert r.fire("late15", T0 + 15 * S).status == "accepted"
+        js = r.db.get_job("late15")
+        assert js is not None and js.next_fire == T0 + 30 * S
+        assert r.fire("late15", T0 + 30 * S).status == "accepted"
+
+
+async def test_delivery_beyond_grace_runs_once_as_catch_up(tmp_path: Path) -> None:
+    job = make_job(id="burst", schedule="every 15s", misfire_grace="20s", command=py("print(1)"))
+    async with rig(tmp_path, job) as r:
+        # 12:00:15 delivered at 12:01:15: beyond its 20 s grace. It runs once as a
+        # catch-up, and the occurrences that passed meanwhile coalesce into it.
         r.clock.now = T0 + 75 * S
         assert r.fire("burst", T0 + 15 * S).status == "accepted"
         js = r.db.get_job("burst")
         assert js is not None and js.next_fire == T0 + 90 * S
-        # The occurrences in between are not fired one after another.
-        assert r.fire("burst", T0 + 30 * S).status == "stale"
-    assert [run.scheduled_at for run in r.runs("burst")] == [T0 + 15 * S]
+        for passed in (30, 45, 60, 75):
+            assert r.fire("burst", T0 + passed * S).status == "stale"
+    assert [(run.scheduled_at, run.trigger) for run in r.runs("burst")] == [
+        (T0 + 15 * S, "catch-up")
+    ]
