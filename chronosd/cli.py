@@ -270,7 +270,8 @@ class Context:
 
 
 # ---------------------------------------------------------------------- formatting
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned table with upper-case headers (the people's output of every listing)."""
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -478,7 +479,7 @@ def cmd_list(ctx: Context) -> int:
         )
 
     def table() -> str:
-        return _table(
+        return format_table(
             ["id", "schedule", "timezone", "state", "next fire", "", "last run", "armed"],
             [
                 [
@@ -556,7 +557,7 @@ def cmd_next(ctx: Context) -> int:
     ctx.emit(
         rows,
         lambda: (
-            _table([f"{job.timezone}", "utc"], [[r["local"], str(r["utc"])] for r in rows])
+            format_table([f"{job.timezone}", "utc"], [[r["local"], str(r["utc"])] for r in rows])
             if rows
             else f"{job.id}: no further fires"
         ),
@@ -839,7 +840,7 @@ def cmd_runs(ctx: Context) -> int:
     tz = ctx.config.timezone
 
     def table() -> str:
-        return _table(
+        return format_table(
             ["run", "job", "occurrence", "trigger", "started", "duration", "status", "exit"],
             [
                 [

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -124,8 +124,11 @@ class Reconciler:
         self._held = wanted
 
     def _sync_resident(self) -> None:
-        if self.idle is not None and self.fallback is not None:
-            self.idle.set_resident(bool(self._local))
+        """The process must stay up while local timers hold anything: ours or the fallback's."""
+        if self.idle is None:
+            return
+        local = isinstance(self.provider, LocalProvider) and self.provider.resident
+        self.idle.set_resident(local or bool(self._local))
 
     @property
     def fallback_jobs(self) -> list[str]:
@@ -135,6 +138,7 @@ class Reconciler:
     async def run(
         self,
         on_due: DueCallback | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -142,6 +146,8 @@ class Reconciler:
             if self.fallback is not None and on_due is not None:
                 tg.start_soon(self.fallback.run, on_due)
             task_status.started()
+            if settle is not None:
+                await settle()  # the NAS list (and httpx) wait until the first reply is out
             await self.heal()
             while True:
                 if not self._pending:
@@ -272,6 +278,7 @@ class Reconciler:
             self._failures = 0
             self.last_error = None
             self._record(now, error=None)
+        self._sync_resident()
         self._sync_hold()
         return not self._deferred
 

@@ -256,7 +256,7 @@ class Daemon:
                 self.engine.catch_up()
                 self.engine.start_pending_retries()
                 await tg.start(self._serve, listeners)
-                await tg.start(self.reconciler.run, self._on_local_due)
+                await tg.start(self.reconciler.run, self._on_local_due, self._settled)
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
@@ -294,7 +294,7 @@ class Daemon:
             self._served.set()
 
     async def _run_local(self, provider: LocalProvider) -> None:
-        self.idle.set_resident(True)
+        # Residency follows the timers' arms (the reconciler keeps the idle tracker told).
         await provider.run(self._on_local_due)
 
     async def _answer(self, routes: DaemonRoutes, request: Request) -> Response:
@@ -324,12 +324,16 @@ class Daemon:
         self._connections = count
         self._conn_held = bool(count)
 
-    async def _watch(self) -> None:
+    async def _settled(self) -> None:
+        """Return once the request that woke us (if any) has been answered (see WATCH_DELAY)."""
         with anyio.move_on_after(WATCH_DELAY):
             await self._first_reply.wait()
         if self._conn_held:
             # A request still on its way in (a slow client, a loaded machine) is answered first.
             await self._first_reply.wait()
+
+    async def _watch(self) -> None:
+        await self._settled()
         if self._stopping:
             return
         from chronosd.daemon.watcher import watch_jobs_file

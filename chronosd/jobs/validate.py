@@ -65,23 +65,7 @@ KNOWN_FIELDS = (
 _KNOWN = frozenset(KNOWN_FIELDS)
 
 # Fields compared by changed_fields(), in the order of the model.
-COMPARED_FIELDS = (
-    "name",
-    "schedule",
-    "timezone",
-    "command",
-    "enabled",
-    "paused",
-    "timeout",
-    "overlap",
-    "catch_up",
-    "misfire_grace",
-    "jitter",
-    "repeat",
-    "retries",
-    "env",
-    "cwd",
-)
+COMPARED_FIELDS = tuple(name for name in KNOWN_FIELDS if name != "id")
 
 
 @dataclass(frozen=True)

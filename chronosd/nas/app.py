@@ -101,9 +101,9 @@ def _bearer(request: Request) -> str | None:
 
 
 def _log() -> Any:
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()
 
 
 class NASApp:

@@ -126,23 +126,13 @@ def _open_store(ctx: Context, *, create: bool) -> NASStore | None:
 
 
 def _emit(ctx: Context, data: object, table: Callable[[], str]) -> None:
-    if ctx.json:
-        print(json.dumps(data, indent=2))
-    else:
-        text = table()
-        if text:
-            print(text)
+    ctx.emit(data, table)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(header) for header in headers]
-    for row in rows:
-        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    return "\n".join(lines)
+    from chronosd.cli import format_table
+
+    return format_table(headers, rows)
 
 
 def _local(epoch: float | None) -> str:
@@ -206,14 +196,14 @@ async def _serve(options: NASOptions, listen: str | None, ready_file: Path | Non
 
     import anyio
     import anyio.abc
-    import structlog
 
     from chronosd.config import parse_listen
     from chronosd.daemon import systemd
     from chronosd.http.server import bind_listener, listener_from_fd
+    from chronosd.log import get_logger
     from chronosd.nas.serve import DEFAULT_LISTEN, run_nas
 
-    log = structlog.get_logger()
+    log = get_logger()
     listeners: list[anyio.abc.SocketListener] = []
     try:
         inherited = systemd.listen_fds()

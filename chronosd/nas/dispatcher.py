@@ -90,9 +90,9 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
 
 
 def _log() -> Any:
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()
 
 
 class Dispatcher:

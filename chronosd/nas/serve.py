@@ -118,9 +118,9 @@ def check_public_url(url: str) -> str:
 
 
 def _log() -> Any:
-    import structlog
+    from chronosd.log import get_logger
 
-    return structlog.get_logger()
+    return get_logger()
 
 
 async def run_nas(
