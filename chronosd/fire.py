@@ -289,6 +289,7 @@ class Engine:
             log.info("fire.too_early", job_id=job_id, fire_at=to_wire(fire_at))
             return FireResult("too-early", 409, job_id, expected=occurrence)
         if self.db.get_occurrence(job_id, occurrence) is not None:
+            self._plan_past_claimed(job, js, occurrence, now)
             log.info("fire.duplicate", job_id=job_id, occurrence=to_wire(occurrence))
             return FireResult("duplicate", 200, job_id)
         if js.next_fire is None or occurrence < js.next_fire:
@@ -310,6 +311,19 @@ class Engine:
             job, js, occurrence, next_fire, now, trigger=trigger, coalesced=coalesced
         )
 
+    def _plan_past_claimed(
+        self, job: Job, js: JobState, occurrence: datetime, now: datetime
+    ) -> None:
+        """The planned occurrence was claimed elsewhere (a manual fire in the same second, a
+        resume or re-anchor while the clock was behind): plan past it, or the job is stuck."""
+        if js.next_fire is None or occurrence < js.next_fire:
+            return  # an ordinary repeated delivery: the plan is already past it
+        nxt, _ = planner.next_after_claim(
+            job, occurrence, now, anchor=js.anchor, runs_started=js.runs_started
+        )
+        self.db.update_job(job.id, next_fire=nxt, completed=nxt is None)
+        self.request_reconcile([job.id])
+
     def _claim_and_start(
         self,
         job: Job,
@@ -321,17 +335,35 @@ class Engine:
         trigger: str,
         coalesced: int = 0,
     ) -> FireResult:
-        crash_point("before-claim")
-        won = self.db.claim_and_advance(
-            job.id,
-            occurrence,
-            owner=self.owner,
-            trigger=trigger,
-            now=now,
-            next_fire=next_fire,
-            completed=next_fire is None,
+        action = planner.overlap_action(
+            job, running=len(self._running.get(job.id, ())), queued=int(job.id in self._queued)
         )
+        crash_point("before-claim")
+        run = None
+        if action in ("start", "replace"):
+            # Claim, plan and record the run in one transaction: nothing half-way.
+            run = self.db.claim_advance_and_start(
+                job.id,
+                occurrence,
+                owner=self.owner,
+                trigger=trigger,
+                now=now,
+                next_fire=next_fire,
+                completed=next_fire is None,
+            )
+            won = run is not None
+        else:
+            won = self.db.claim_and_advance(
+                job.id,
+                occurrence,
+                owner=self.owner,
+                trigger=trigger,
+                now=now,
+                next_fire=next_fire,
+                completed=next_fire is None,
+            )
         if not won:
+            self._plan_past_claimed(job, js, occurrence, now)
             log.info("fire.duplicate", job_id=job.id, occurrence=to_wire(occurrence))
             return FireResult("duplicate", 200, job.id)
         crash_point("after-claim")
@@ -345,9 +377,6 @@ class Engine:
             next_fire=to_wire(next_fire) if next_fire else None,
             coalesced=coalesced,
         )
-        action = planner.overlap_action(
-            job, running=len(self._running.get(job.id, ())), queued=int(job.id in self._queued)
-        )
         if action == "skip":
             self.db.set_occurrence_state(job.id, occurrence, "skipped", now=now)
             log.info(
@@ -358,16 +387,17 @@ class Engine:
             self._queued[job.id] = (occurrence, trigger)
             log.info("fire.queued", job_id=job.id, occurrence=to_wire(occurrence))
             return FireResult("accepted", 202, job.id)
-        run = self.db.start_run(job.id, occurrence, attempt=1, trigger=trigger, now=now)
+        assert run is not None
+        run_id = run.run_id
 
         def start() -> None:
             crash_point("after-reply")
             if action == "replace":
                 for control in self._running.get(job.id, ()):
                     control.stop()
-            self._spawn(job, occurrence, trigger, 1, run.run_id)
+            self._spawn(job, occurrence, trigger, 1, run_id)
 
-        return FireResult("accepted", 202, job.id, run_id=run.run_id, start=start)
+        return FireResult("accepted", 202, job.id, run_id=run_id, start=start)
 
     def fire_manual(self, job_id: str) -> FireResult:
         """``chronosd fire JOB``: claim an occurrence at now (trigger manual) and start it."""
@@ -414,7 +444,20 @@ class Engine:
     ) -> None:
         try:
             while True:
-                outcome, run_id = await self._run_once(job, occurrence, trigger, attempt, run_id)
+                try:
+                    outcome, run_id = await self._run_once(
+                        job, occurrence, trigger, attempt, run_id
+                    )
+                except StateError as exc:
+                    # Not recorded: the run stays "running" and the next start's recovery
+                    # marks it interrupted. The daemon itself must carry on.
+                    log.error(
+                        "run.state_failed",
+                        job_id=job.id,
+                        occurrence=to_wire(occurrence),
+                        error=str(exc),
+                    )
+                    break
                 if not planner.should_retry(job, attempt, outcome.status):
                     break
                 delay = planner.retry_delay(attempt)

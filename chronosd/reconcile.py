@@ -259,6 +259,10 @@ class Reconciler:
                         await self._apply(action)
                     except ProviderError as exc:
                         failed[action.job_id] = exc
+                    except StateError as exc:
+                        # The provider may hold the arm already; the retry re-arms with the
+                        # same dedup key, which the provider treats as a no-op.
+                        failed[action.job_id] = ProviderError(str(exc))
 
             async with anyio.create_task_group() as tg:
                 for action in actions:

@@ -587,6 +587,98 @@ class StateDB:
                 )
         return True
 
+    def claim_advance_and_start(
+        self,
+        job_id: str,
+        scheduled_at: datetime,
+        *,
+        owner: str,
+        trigger: str,
+        now: datetime,
+        next_fire: datetime | None,
+        completed: bool = False,
+        attempt: int = 1,
+    ) -> RunRecord | None:
+        """claim_and_advance and start_run in one transaction; None when already claimed.
+
+        Either the occurrence is claimed, the next fire planned and the run recorded, or
+        nothing is written: a failure can never leave a claim without its run.
+        """
+        _check_choice("trigger", trigger, TRIGGERS)
+        _check_name("job id", job_id)
+        values = self._occ_values(job_id, scheduled_at, "claimed", owner, trigger, now)
+        stamp, scheduled = _wire(now), _wire(scheduled_at)
+        prefix = parse_instant(stamp).strftime("%Y%m%dT%H%M%SZ")
+        for _ in range(8):
+            run_id = f"{prefix}-{os.urandom(4).hex()}"
+            path, relative = self._run_log(job_id, run_id)
+            with self._guard("creating a run log"):
+                _make_private_dir(path.parent.parent)
+                _make_private_dir(path.parent)
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:
+                    continue
+            won = False
+            try:
+                with self._write("claiming an occurrence", durable=True) as conn:
+                    if conn.execute(self._OCC_INSERT, values).rowcount == 1:
+                        advanced = conn.execute(
+                            "UPDATE job_state SET next_fire = ?, runs_started = runs_started + 1, "
+                            "completed = ? WHERE job_id = ?",
+                            (_wire_opt(next_fire), int(completed), job_id),
+                        ).rowcount
+                        if advanced != 1:
+                            raise StateError(
+                                f"cannot claim {job_id}@{scheduled}: the job has no state row "
+                                "(removed meanwhile?); nothing was claimed"
+                            )
+                        conn.execute(
+                            'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
+                            "owner, started_at, status, output_path, output_bytes) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0)",
+                            (
+                                run_id,
+                                job_id,
+                                scheduled,
+                                attempt,
+                                trigger,
+                                self.owner,
+                                stamp,
+                                relative,
+                            ),
+                        )
+                        conn.execute(
+                            "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
+                            "WHERE job_id = ? AND scheduled_at = ?",
+                            (self.owner, stamp, job_id, scheduled),
+                        )
+                        won = True
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
+            if not won:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return None
+            return RunRecord(
+                run_id=run_id,
+                job_id=job_id,
+                scheduled_at=parse_instant(scheduled),
+                attempt=attempt,
+                trigger=trigger,
+                pid=None,
+                started_at=parse_instant(stamp),
+                ended_at=None,
+                exit_code=None,
+                status="running",
+                output_path=path,
+                output_bytes=0,
+                owner=self.owner,
+            )
+        raise StateError(f"could not pick an unused run id under {path.parent}; check the clock")
+
     def get_occurrence(self, job_id: str, scheduled_at: datetime) -> Occurrence | None:
         with self._guard("reading an occurrence"):
             row = self._db.execute(
@@ -915,12 +1007,22 @@ def _job_value(name: str, value: Any) -> Any:
 
 
 def _make_private_dir(path: Path) -> None:
-    """Create a directory 0700 (whatever the umask); an existing one is left as it is."""
-    try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        return
-    os.chmod(path, 0o700)
+    """Create a directory 0700 (whatever the umask), and its missing parents 0700 too.
+
+    Existing directories are left as they are. Parents matter: whoever can write one could
+    rename the state directory away and put their own in its place.
+    """
+    missing = []
+    current = path
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o700)
 
 
 def _make_private_file(path: Path) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -251,8 +252,9 @@ class Daemon:
                 startup = self.idle.hold("startup")
                 startup.__enter__()
                 self.engine.bind(tg)
-                self.engine.recover()
+                # Jobs first: recover() decides retries by each job's `retries`.
                 self.load_jobs(startup=True)
+                self.engine.recover()
                 self.engine.catch_up()
                 self.engine.start_pending_retries()
                 await tg.start(self._serve, listeners)
@@ -405,10 +407,32 @@ class Daemon:
 
 
 def _digest_of(path: Path) -> str | None:
+    """sha256 of jobs.json; None when it is not a readable regular file of sane size.
+
+    Opened as chronosd/jobs/file.py reads it: a FIFO or a device behind a symlink must not
+    block the event loop or be read without end.
+    """
+    from chronosd.jobs.file import MAX_FILE_BYTES
+
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                return None
+            digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def run_daemon(config: Config, options: RunOptions | None = None) -> int:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 from chronosd import __version__
+from chronosd.errors import StateError
 from chronosd.fire import FireResult
 from chronosd.http.auth import FireAuthenticator
 from chronosd.http.server import Request, Response
@@ -43,7 +44,11 @@ class DaemonRoutes:
         return Response.json(404, {"error": "not found"})
 
     async def _fire(self, request: Request) -> Response:
-        verdict = await self.authenticator.verify(request)
+        try:
+            verdict = await self.authenticator.verify(request)
+        except StateError as exc:  # the replay cache could not be written
+            log.error("fire.state_failed", error=str(exc))
+            return Response.json(503, {"error": str(exc)}, headers=(("retry-after", "5"),))
         if not verdict.ok:
             log.warning("fire.refused", reason=verdict.reason, client=_client(request))
             return Response.json(401, {"error": "invalid fire token"})

@@ -120,6 +120,9 @@ _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 262144
 # accept() failing for lack of descriptors leaves the socket readable; pause instead of spinning.
 _ACCEPT_BACKOFF = 0.1
+# At the connection limit, a connection that has waited this long for a complete request head
+# is slow (or idle) and makes room for a newcomer; a younger one does not.
+_SLOW_HEAD = 1.0
 _NETWORK_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _BODYLESS_STATUSES = frozenset({204, 304})
@@ -173,6 +176,10 @@ class HTTPServer:
         self._looping: set[socket.socket] = set()
         self._accept_scopes: set[anyio.CancelScope] = set()
         self._idle_scopes: set[anyio.CancelScope] = set()
+        # Connections that have not delivered a complete request head (fresh, or idle in
+        # keep-alive), with the moment they started waiting: at the connection limit the one
+        # waiting longest makes room for a newcomer, so slow clients cannot hold every slot.
+        self._head_waiters: dict[anyio.CancelScope, float] = {}
         self._overflow_reply = _raw_response(
             503,
             _json_error("too many connections"),
@@ -302,11 +309,22 @@ class HTTPServer:
             if client is None:
                 continue
             self.last_activity = time.monotonic()
-            if self._open >= self._limits.max_connections:
+            if self._open >= self._limits.max_connections and not self._evict_slowest():
                 self._refuse(client)
                 continue
             self._count_connection(+1)
             group.start_soon(self._connection, client)
+
+    def _evict_slowest(self) -> bool:
+        if not self._head_waiters:
+            return False  # every open connection is being answered: refuse the newcomer
+        scope = min(self._head_waiters, key=self._head_waiters.__getitem__)
+        if time.monotonic() - self._head_waiters[scope] < _SLOW_HEAD:
+            return False  # a burst of new connections, not slow ones: refuse the newcomer
+        del self._head_waiters[scope]
+        scope.cancel()
+        _log().info("http.connection_evicted", reason="connection limit, slowest request head")
+        return True
 
     def _count_connection(self, change: int) -> None:
         self._open += change
@@ -362,7 +380,11 @@ class HTTPServer:
                 client.close()
                 raise
             async with stream:
-                await self._converse(stream)
+                with anyio.CancelScope() as scope:
+                    try:
+                        await self._converse(stream, scope)
+                    finally:
+                        self._head_waiters.pop(scope, None)
         except _NETWORK_ERRORS:
             pass
         except Exception:
@@ -370,19 +392,20 @@ class HTTPServer:
         finally:
             self._count_connection(-1)
 
-    async def _converse(self, stream: anyio.abc.SocketStream) -> None:
+    async def _converse(self, stream: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_head)
         client = _peer(stream)
         fresh = True
         while True:
             # A fresh connection was opened to send a request, so it is not idle: it gets the
             # request timeout (and a 408), even while stopping.
+            self._head_waiters[scope] = time.monotonic()
             if not fresh and not await self._await_next_request(stream, conn):
                 return
             fresh = False
             self._in_flight += 1
             try:
-                keep_alive = await self._exchange(stream, conn, client)
+                keep_alive = await self._exchange(stream, conn, client, scope)
             finally:
                 self._in_flight -= 1
                 self.last_activity = time.monotonic()
@@ -410,12 +433,16 @@ class HTTPServer:
         return True
 
     async def _exchange(
-        self, stream: anyio.abc.SocketStream, conn: h11.Connection, client: tuple[str, int] | None
+        self,
+        stream: anyio.abc.SocketStream,
+        conn: h11.Connection,
+        client: tuple[str, int] | None,
+        conn_scope: anyio.CancelScope,
     ) -> bool:
         """Receive one request and answer it; True when the connection may serve another."""
         outcome: Request | _Rejection | None = None
         with anyio.move_on_after(self._limits.request_timeout) as scope:
-            outcome = await self._read_request(stream, conn, client)
+            outcome = await self._read_request(stream, conn, client, conn_scope)
         if scope.cancelled_caught:
             outcome = _Rejection(408, "request not complete in time")
         if outcome is None:
@@ -438,7 +465,11 @@ class HTTPServer:
         return False  # h11 decided the connection must close (HTTP/1.0, Connection: close)
 
     async def _read_request(
-        self, stream: anyio.abc.SocketStream, conn: h11.Connection, client: tuple[str, int] | None
+        self,
+        stream: anyio.abc.SocketStream,
+        conn: h11.Connection,
+        client: tuple[str, int] | None,
+        conn_scope: anyio.CancelScope,
     ) -> Request | _Rejection | None:
         # h11 unfolds obs-fold lines and merges repeated Content-Length headers; both are
         # request-smuggling material, so the raw head is kept to refuse them.
@@ -472,6 +503,7 @@ class HTTPServer:
                 if declared is not None and declared > self._limits.max_body:
                     return _Rejection(413, f"declared body of {declared} bytes")
                 started = event
+                self._head_waiters.pop(conn_scope, None)
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._limits.max_body:
