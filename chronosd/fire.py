@@ -172,7 +172,12 @@ class Engine:
         )
 
     def desired_arm(
-        self, job_id: str, *, now: datetime | None = None, use_horizon: bool = True
+        self,
+        job_id: str,
+        *,
+        now: datetime | None = None,
+        use_horizon: bool = True,
+        state: JobState | None = None,
     ) -> datetime | None:
         """The instant the provider should hold for ``job_id`` (None: nothing armed).
 
@@ -181,7 +186,7 @@ class Engine:
         job = self.jobs.get(job_id)
         if job is None or not job.active:
             return None
-        js = self.db.get_job(job_id)
+        js = state if state is not None else self.db.get_job(job_id)
         if js is None or js.next_fire is None:
             return None
         fire_at = planner.arm_instant(job, js.next_fire)
@@ -199,10 +204,11 @@ class Engine:
         """
         now = _whole(now or self.clock())
         touched: list[str] = []
+        states = self.db.all_jobs()
         for job in self.jobs.values():
             if not job.active:
                 continue
-            js = self.db.get_job(job.id)
+            js = states.get(job.id)
             if js is None or js.next_fire is None:
                 continue
             if planner.misfire_action(job, js.next_fire, now, anchor=js.anchor) == "run":
@@ -278,7 +284,9 @@ class Engine:
             nxt = planner.waypoint(planned, now, self.max_horizon)
             log.info("fire.rearmed", job_id=job_id, fire_at=to_wire(fire_at), next=to_wire(nxt))
             return FireResult("rearmed", 200, job_id, expected=nxt)
-        occurrence = planner.occurrence_for_fire(job, fire_at, anchor=js.anchor)
+        occurrence = planner.occurrence_for_fire(
+            job, fire_at, anchor=js.anchor, planned=js.next_fire
+        )
         if occurrence is None:
             log.info(
                 "fire.stale", job_id=job_id, fire_at=to_wire(fire_at), reason="not-in-schedule"

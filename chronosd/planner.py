@@ -54,7 +54,9 @@ def next_occurrence(
     return job.schedule.next_after(after, anchor=anchor)
 
 
-def occurrence_for_fire(job: Job, fire_at: datetime, *, anchor: datetime) -> datetime | None:
+def occurrence_for_fire(
+    job: Job, fire_at: datetime, *, anchor: datetime, planned: datetime | None = None
+) -> datetime | None:
     """Map a delivered ``fire_at`` back to the occurrence it was armed for.
 
     With jitter the armed instant is the occurrence plus a stable delay of at
@@ -63,6 +65,10 @@ def occurrence_for_fire(job: Job, fire_at: datetime, *, anchor: datetime) -> dat
     of the current schedule (it was armed for an older schedule).
     """
     fire_at = fire_at.replace(microsecond=0)
+    # A jitter longer than the period can give two occurrences the same instant (validation
+    # warns about it); the one the job planned next is the one that was armed.
+    if planned is not None and arm_instant(job, planned) == fire_at:
+        return planned
     window_start = fire_at - timedelta(seconds=int(job.jitter) + 1)
     candidate = job.schedule.next_after(window_start, anchor=anchor)
     while candidate is not None and candidate <= fire_at:
@@ -87,7 +93,8 @@ def misfire_action(
     as a catch-up when the job allows it, otherwise it is recorded as missed.
     """
     lateness = (now - arm_instant(job, scheduled)).total_seconds()
-    if lateness <= misfire_grace(job, anchor=anchor):
+    # Not late at all: the grace (which may walk the schedule to find its period) is moot.
+    if lateness <= 0 or lateness <= misfire_grace(job, anchor=anchor):
         return "run"
     return "catch-up" if job.catch_up else "missed"
 

@@ -31,7 +31,7 @@ from chronosd.fire import Engine
 from chronosd.log import get_logger
 from chronosd.providers.base import DueCallback, Provider, ProviderRejected, ProviderUnavailable
 from chronosd.providers.local import LocalProvider
-from chronosd.state import StateDB
+from chronosd.state import JobState, StateDB
 from chronosd.timefmt import parse_instant, to_wire, utc_now
 
 log = get_logger("chronosd.reconcile")
@@ -97,7 +97,7 @@ class Reconciler:
         self._local: set[str] = set()
         self._pending: set[str] = set()
         self._wakeup = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(concurrency)
+        self.concurrency = concurrency
         self._failures = 0
         self._busy = False
         self._held = False
@@ -238,7 +238,8 @@ class Reconciler:
         self._busy = True
         failed: dict[str, ProviderError] = {}
         try:
-            observed = self._observed(batch)
+            states = self.db.all_jobs()
+            observed = self._observed(batch, states)
             actions = [
                 a
                 for job_id in sorted(batch)
@@ -246,15 +247,18 @@ class Reconciler:
                     a := plan_action(
                         job_id,
                         known=job_id in self.engine.jobs,
-                        desired=self.engine.desired_arm(job_id),
+                        desired=self.engine.desired_arm(job_id, state=states.get(job_id)),
                         observed=observed.get(job_id),
                     )
                 )
                 is not None
             ]
+            queue = iter(actions)
 
-            async def apply(action: Action) -> None:
-                async with self._limiter:
+            async def worker() -> None:
+                # A fixed pool of workers sharing one queue: memory stays flat however
+                # many jobs changed (a task per action would cost ~6 KB each).
+                for action in queue:
                     try:
                         await self._apply(action)
                     except ProviderError as exc:
@@ -265,8 +269,8 @@ class Reconciler:
                         failed[action.job_id] = ProviderError(str(exc))
 
             async with anyio.create_task_group() as tg:
-                for action in actions:
-                    tg.start_soon(apply, action)
+                for _ in range(min(self.concurrency, len(actions))):
+                    tg.start_soon(worker)
             for job_id in batch - set(failed):
                 await self._hand_back(job_id)
         except StateError as exc:
@@ -341,11 +345,10 @@ class Reconciler:
             log.info("arm.handed_back", job_id=job_id, provider=self.provider.name)
             self._sync_resident()
 
-    def _observed(self, batch: set[str]) -> dict[str, datetime]:
+    def _observed(self, batch: set[str], states: dict[str, JobState]) -> dict[str, datetime]:
         if not self.provider.persistent:
             assert isinstance(self.provider, LocalProvider)
             return {k: v for k, v in self.provider.armed().items() if k in batch}
-        states = self.db.all_jobs()
         return {
             job_id: js.armed_fire
             for job_id, js in states.items()

@@ -111,6 +111,7 @@ class NasProvider:
                 f"provider.nas.callback_url {callback!r} is not an http(s) URL; set it to "
                 "chronosd's public base URL (the NAS appends /api/cron/fire)"
             )
+        self._token_cache: tuple[tuple[int, int, int], str] | None = None
         if not config.timeout > 0:
             raise ConfigError(f"provider.nas.timeout must be positive, got {config.timeout}")
         self._config = config
@@ -190,6 +191,12 @@ class NasProvider:
                 status=0,
             )
         try:
+            # Read at each use so a token refreshed on disk is picked up at once; the stat
+            # spares re-reading a file that has not changed since the last call.
+            st = path.stat()
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._token_cache is not None and self._token_cache[0] == key:
+                return self._token_cache[1]
             token = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
@@ -208,6 +215,7 @@ class NasProvider:
                 "put only the agent's bearer token in it",
                 status=0,
             )
+        self._token_cache = (key, token)
         return token
 
     def _http(self) -> httpx.AsyncClient:
