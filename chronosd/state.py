@@ -607,77 +607,33 @@ class StateDB:
         _check_choice("trigger", trigger, TRIGGERS)
         _check_name("job id", job_id)
         values = self._occ_values(job_id, scheduled_at, "claimed", owner, trigger, now)
-        stamp, scheduled = _wire(now), _wire(scheduled_at)
-        prefix = parse_instant(stamp).strftime("%Y%m%dT%H%M%SZ")
-        for _ in range(8):
-            run_id = f"{prefix}-{os.urandom(4).hex()}"
-            path, relative = self._run_log(job_id, run_id)
-            with self._guard("creating a run log"):
-                _make_private_dir(path.parent.parent)
-                _make_private_dir(path.parent)
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                except FileExistsError:
-                    continue
-            won = False
-            try:
-                with self._write("claiming an occurrence", durable=True) as conn:
-                    if conn.execute(self._OCC_INSERT, values).rowcount == 1:
-                        advanced = conn.execute(
-                            "UPDATE job_state SET next_fire = ?, runs_started = runs_started + 1, "
-                            "completed = ? WHERE job_id = ?",
-                            (_wire_opt(next_fire), int(completed), job_id),
-                        ).rowcount
-                        if advanced != 1:
-                            raise StateError(
-                                f"cannot claim {job_id}@{scheduled}: the job has no state row "
-                                "(removed meanwhile?); nothing was claimed"
-                            )
-                        conn.execute(
-                            'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
-                            "owner, started_at, status, output_path, output_bytes) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0)",
-                            (
-                                run_id,
-                                job_id,
-                                scheduled,
-                                attempt,
-                                trigger,
-                                self.owner,
-                                stamp,
-                                relative,
-                            ),
-                        )
-                        conn.execute(
-                            "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
-                            "WHERE job_id = ? AND scheduled_at = ?",
-                            (self.owner, stamp, job_id, scheduled),
-                        )
-                        won = True
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                raise
-            if not won:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                return None
-            return RunRecord(
-                run_id=run_id,
-                job_id=job_id,
-                scheduled_at=parse_instant(scheduled),
-                attempt=attempt,
-                trigger=trigger,
-                pid=None,
-                started_at=parse_instant(stamp),
-                ended_at=None,
-                exit_code=None,
-                status="running",
-                output_path=path,
-                output_bytes=0,
-                owner=self.owner,
-            )
-        raise StateError(f"could not pick an unused run id under {path.parent}; check the clock")
+        scheduled = _wire(scheduled_at)
+
+        def claim_and_advance(conn: sqlite3.Connection) -> bool:
+            if conn.execute(self._OCC_INSERT, values).rowcount != 1:
+                return False
+            advanced = conn.execute(
+                "UPDATE job_state SET next_fire = ?, runs_started = runs_started + 1, "
+                "completed = ? WHERE job_id = ?",
+                (_wire_opt(next_fire), int(completed), job_id),
+            ).rowcount
+            if advanced != 1:
+                raise StateError(
+                    f"cannot claim {job_id}@{scheduled}: the job has no state row "
+                    "(removed meanwhile?); nothing was claimed"
+                )
+            return True
+
+        return self._create_run(
+            job_id,
+            scheduled_at,
+            attempt=attempt,
+            trigger=trigger,
+            now=now,
+            action="claiming an occurrence",
+            durable=True,
+            first=claim_and_advance,
+        )
 
     def get_occurrence(self, job_id: str, scheduled_at: datetime) -> Occurrence | None:
         with self._guard("reading an occurrence"):
@@ -764,6 +720,33 @@ class StateDB:
         """
         _check_choice("trigger", trigger, TRIGGERS)
         _check_name("job id", job_id)
+        run = self._create_run(
+            job_id,
+            scheduled_at,
+            attempt=attempt,
+            trigger=trigger,
+            now=now,
+            action="recording a run",
+            durable=False,
+            first=None,
+        )
+        assert run is not None
+        return run
+
+    def _create_run(
+        self,
+        job_id: str,
+        scheduled_at: datetime,
+        *,
+        attempt: int,
+        trigger: str,
+        now: datetime,
+        action: str,
+        durable: bool,
+        first: Callable[[sqlite3.Connection], bool] | None,
+    ) -> RunRecord | None:
+        """Create the run's empty 0600 log and record the run, in one transaction with
+        ``first`` (which may decline: then nothing is written and None is returned)."""
         stamp, scheduled = _wire(now), _wire(scheduled_at)
         prefix = parse_instant(stamp).strftime("%Y%m%dT%H%M%SZ")
         for _ in range(8):
@@ -776,23 +759,39 @@ class StateDB:
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 except FileExistsError:
                     continue
+            recorded = False
             try:
-                with self._write("recording a run") as conn:
-                    conn.execute(
-                        'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
-                        "owner, started_at, status, output_path, output_bytes) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0)",
-                        (run_id, job_id, scheduled, attempt, trigger, self.owner, stamp, relative),
-                    )
-                    conn.execute(
-                        "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
-                        "WHERE job_id = ? AND scheduled_at = ?",
-                        (self.owner, stamp, job_id, scheduled),
-                    )
+                with self._write(action, durable=durable) as conn:
+                    if first is None or first(conn):
+                        conn.execute(
+                            'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
+                            "owner, started_at, status, output_path, output_bytes) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0)",
+                            (
+                                run_id,
+                                job_id,
+                                scheduled,
+                                attempt,
+                                trigger,
+                                self.owner,
+                                stamp,
+                                relative,
+                            ),
+                        )
+                        conn.execute(
+                            "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
+                            "WHERE job_id = ? AND scheduled_at = ?",
+                            (self.owner, stamp, job_id, scheduled),
+                        )
+                        recorded = True
             except BaseException:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 raise
+            if not recorded:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return None
             return RunRecord(
                 run_id=run_id,
                 job_id=job_id,
