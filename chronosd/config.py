@@ -11,7 +11,7 @@ import os
 import shlex
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,7 +294,3 @@ def _build(
                 + " is not set"
             )
     return config
-
-
-def with_overrides(config: Config, **changes: Any) -> Config:
-    return replace(config, **changes)

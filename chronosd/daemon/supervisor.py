@@ -36,7 +36,6 @@ from chronosd.http.server import (
     Response,
     bind_listener,
     format_listener_address,
-    is_loopback_listener,
     listener_from_fd,
 )
 from chronosd.jobs.file import read_jobs_file
@@ -440,4 +439,4 @@ def run_daemon(config: Config, options: RunOptions | None = None) -> int:
     return anyio.run(daemon.run, backend="asyncio")
 
 
-__all__ = ["Daemon", "RunOptions", "is_loopback_listener", "run_daemon"]
+__all__ = ["Daemon", "RunOptions", "run_daemon"]
