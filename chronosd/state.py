@@ -659,18 +659,23 @@ class StateDB:
                 f"occurrence {job_id}@{_wire(scheduled_at)} was never claimed; claim it first"
             )
 
+    def _listing(
+        self, action: str, select: str, order: str, job_id: str | None, limit: int
+    ) -> list[Any]:
+        """Rows of ``select``, of one job or of all, in ``order``, at most ``limit``."""
+        where, params = ("", (limit,)) if job_id is None else (" WHERE job_id = ?", (job_id, limit))
+        with self._guard(action):
+            return self._db.execute(f"{select}{where} {order} LIMIT ?", params).fetchall()
+
     def occurrences(self, job_id: str | None = None, limit: int = 100) -> list[Occurrence]:
         """Recorded occurrences, latest scheduled instant first."""
-        with self._guard("reading occurrences"):
-            if job_id is None:
-                rows = self._db.execute(
-                    self._OCC_SELECT + " ORDER BY scheduled_at DESC, job_id LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    self._OCC_SELECT + " WHERE job_id = ? ORDER BY scheduled_at DESC LIMIT ?",
-                    (job_id, limit),
-                ).fetchall()
+        rows = self._listing(
+            "reading occurrences",
+            self._OCC_SELECT,
+            "ORDER BY scheduled_at DESC" + (", job_id" if job_id is None else ""),
+            job_id,
+            limit,
+        )
         return [self._occurrence(row) for row in rows]
 
     def prune_occurrences(self, *, before: datetime) -> int:
@@ -856,16 +861,7 @@ class StateDB:
 
     def runs(self, job_id: str | None = None, limit: int = 20) -> list[RunRecord]:
         """Run history, newest (most recently started) first."""
-        with self._guard("reading runs"):
-            if job_id is None:
-                rows = self._db.execute(
-                    self._RUN_SELECT + " ORDER BY seq DESC LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    self._RUN_SELECT + " WHERE job_id = ? ORDER BY seq DESC LIMIT ?",
-                    (job_id, limit),
-                ).fetchall()
+        rows = self._listing("reading runs", self._RUN_SELECT, "ORDER BY seq DESC", job_id, limit)
         return [self._record(row) for row in rows]
 
     def running_runs(self) -> list[RunRecord]:
