@@ -48,6 +48,9 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     return _home() / ".local" / "state" / "chronosd"
 
 
+PREWAKE_MAX = 30.0
+
+
 @dataclass(frozen=True)
 class NasConfig:
     url: str = ""
@@ -56,6 +59,10 @@ class NasConfig:
     timeout: float = 15.0
     list_every: float = 3600.0
     max_horizon: float | None = None
+    # Arm this long before each occurrence; chronosd claims on that early call and starts the
+    # job at the exact instant, so a cold start does not make the job late. 0: arm at the
+    # occurrence itself (the arm's fire_at is the occurrence, as a hosted NAS would show it).
+    prewake: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ _KEYS: dict[tuple[str, ...], str] = {
     ("provider", "nas", "timeout"): "duration",
     ("provider", "nas", "list_every"): "duration",
     ("provider", "nas", "max_horizon"): "duration_or_none",
+    ("provider", "nas", "prewake"): "duration",
     ("auth", "mode"): "choice:jwt,hmac,none",
     ("auth", "jwks_url"): "str",
     ("auth", "audience"): "str",
@@ -293,4 +301,9 @@ def _build(
                 + " and provider.nas.".join(missing)
                 + " is not set"
             )
+    if not 0 <= nas.prewake <= PREWAKE_MAX or nas.prewake != int(nas.prewake):
+        raise ConfigError(
+            f"provider.nas.prewake must be whole seconds from 0 to {PREWAKE_MAX:.0f}s "
+            f"(a fire more than 60 s early is refused), got {nas.prewake:g}s"
+        )
     return config
