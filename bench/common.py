@@ -533,6 +533,7 @@ def make_chronosd(
     idle_exit: str | None = None,
     listen: str | None = None,
     extra: str = "",
+    prewake: int = 0,
 ) -> Chronosd:
     root.mkdir(parents=True, exist_ok=True)
     setup = Chronosd(root)
@@ -558,6 +559,8 @@ def make_chronosd(
             f'callback_url = "{callback_url}"',
             f'token_file = "{token}"',
         ]
+        if prewake:
+            lines.append(f'prewake = "{prewake}s"')
     lines += ["[auth]", f'mode = "{auth}"']
     if auth == "hmac":
         secret = root / "hmac-secret"
