@@ -3,6 +3,20 @@
 The Engine owns the in-memory job set (the last good jobs.json) and talks to
 the state database; it never touches the network. Arming is the reconciler's
 business: the Engine records the next planned fire and asks for a reconcile.
+
+Two ways in for a fire. ``handle_fire`` commits the claim with an fsync of its own
+before it returns (start-up catch-up, tests). ``fire`` is the daemon's: it commits the
+claim without an fsync and waits for a group-commit round (state.SyncGroup) shared with
+every claim committed meanwhile, so a burst of fires costs a few fsyncs, not one each,
+and the event loop never blocks on the disk. Either way the answer (and the job's
+start) comes only once the claim is durable; when the fsync fails the claim is taken
+back and the answer is 503, so the caller's retry finds it unclaimed.
+
+Some fires come early by design: the local timers wake a little ahead
+(providers/local.py LEAD, ``at_instant=True``), and with ``provider.nas.prewake`` the
+NAS is armed that many seconds ahead. Those are claimed at once and their run starts
+at the occurrence's instant itself, never before. A delivery of the instant itself
+that arrives early (the NAS's clock runs ahead; up to 60 s is accepted) starts at once.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
 from chronosd.log import get_logger
 from chronosd.runner import RunControl, RunOutcome, RunSpec, job_environment, resolve_argv, run_job
-from chronosd.state import JobState, StateDB
+from chronosd.state import JobState, StateDB, SyncGroup
 from chronosd.timefmt import to_wire, utc_now
 
 log = get_logger("chronosd.fire")
@@ -66,6 +80,44 @@ def _whole(instant: datetime) -> datetime:
     return instant.replace(microsecond=0)
 
 
+# A wait for an instant re-checks the wall clock this often at most, and only when it woke
+# less than _WAKE_SLACK before it (the event loop's timers run on the monotonic clock).
+_WAKE_CHECKS = 3
+_WAKE_SLACK = 0.05
+# Delivered fires already known to be claimed and durable, kept to answer repeats cheaply.
+_KNOWN_MAX = 4096
+# A delivery that finds its occurrence's claim taken back (fsync failed) tries again.
+_FIRE_ATTEMPTS = 3
+
+
+@dataclass(eq=False)
+class _Claim:
+    """An occurrence this process claimed, and what to take back if the claim cannot stand."""
+
+    job_id: str
+    occurrence: datetime
+    fire_at: datetime | None  # as delivered; None for a catch-up at start-up
+    trigger: str
+    action: str  # start, replace, skip, queue or defer (see _claim_and_start)
+    run_id: str | None
+    next_fire: datetime | None  # what the claim planned
+    next_fire_before: datetime | None  # what was planned before it
+    completed_before: bool
+    coalesced: int
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    durable: bool = False
+    failed: bool = False  # its fsync failed and taking it back failed too
+
+
+@dataclass
+class _Pending:
+    """What a non-durable fire left for ``Engine.fire`` to settle before it answers."""
+
+    claim: _Claim | None = None  # claimed now: wait for the fsync
+    wait_for: _Claim | None = None  # another delivery's claim of the same occurrence
+    confirm: tuple[datetime, datetime] | None = None  # (fire_at, occurrence) claimed elsewhere
+
+
 class Engine:
     def __init__(
         self,
@@ -77,7 +129,13 @@ class Engine:
         idle: IdleTracker | None = None,
         request_reconcile: Callable[[Sequence[str]], None] = lambda ids: None,
         max_horizon: float | None = None,
+        prewake: float | None = None,
     ) -> None:
+        """``prewake``: seconds the NAS is armed before each instant; None takes
+        ``provider.nas.prewake`` when the provider is the NAS, else 0."""
+        if prewake is None:
+            prewake = config.provider.nas.prewake if config.provider.kind == "nas" else 0.0
+        self.prewake = float(prewake)
         self.config = config
         self.db = db
         self.owner = owner
@@ -94,6 +152,13 @@ class Engine:
         self._all_done = anyio.Event()
         self._all_done.set()
         self.pending_retries: list[tuple[Job, datetime, int]] = []
+        self._sync = SyncGroup(self._sync_wal)
+        self._unsettled: dict[tuple[str, datetime], _Claim] = {}
+        # (job id, delivered fire_at) -> its occurrence (wire text), claimed and durable.
+        self._known: dict[tuple[str, datetime], str] = {}
+        self._waiting: dict[str, list[datetime]] = {}  # instants of runs waiting to start
+        self._deferred: dict[str, int] = {}  # claims whose overlap is decided at the instant
+        self._halt = anyio.Event()  # stop_runs(): what waits for its instant never starts
 
     # ------------------------------------------------------------------ set-up
     def bind(self, tg: anyio.abc.TaskGroup) -> None:
@@ -101,16 +166,22 @@ class Engine:
         self._tg = tg
 
     # ------------------------------------------------------------------ edit flow
-    def apply_jobs(self, jobs: Sequence[Job], *, now: datetime | None = None) -> JobsDiff:
+    def apply_jobs(
+        self, jobs: Sequence[Job], *, now: datetime | None = None, reconcile_all: bool = False
+    ) -> JobsDiff:
         """Make ``jobs`` the current set and bring job_state in line; return what changed.
 
         Added jobs are anchored at ``now``; a schedule change re-anchors at ``now``
         (missed occurrences of the old schedule are not caught up); a paused or
         disabled job has no planned fire, and on resume plans from ``now``.
+
+        The reconciler is asked about the jobs this changed; ``reconcile_all`` (start-up)
+        asks about every job, so arms left unconfirmed by a previous process are found.
         """
         now = _whole(now or self.clock())
         states = self.db.all_jobs()
         diff = diff_jobs({job_id: js.spec_hash for job_id, js in states.items()}, jobs)
+        touched = set(diff.job_ids())
         for job in jobs:
             js = states.get(job.id)
             key = schedule_key(job)
@@ -134,13 +205,20 @@ class Engine:
                 )
                 js = self._replan(job, js, now)
                 self.db.put_job(js)
+                touched.add(job.id)
             elif js.spec_hash != job.spec_hash or (js.next_fire is None) != (
                 not job.active or js.completed
             ):
                 js = self._replan(job, js, now, keep_next=True)
                 self.db.put_job(js)
+                touched.add(job.id)
         self.jobs = {job.id: job for job in jobs}
-        self.request_reconcile(sorted(set(states) | set(self.jobs)))
+        # A re-anchor can make a remembered delivery stale: map deliveries afresh.
+        self._known.clear()
+        if reconcile_all:
+            touched |= set(states) | set(self.jobs)
+        if touched:
+            self.request_reconcile(sorted(touched))
         return diff
 
     def _replan(
@@ -181,7 +259,9 @@ class Engine:
     ) -> datetime | None:
         """The instant the provider should hold for ``job_id`` (None: nothing armed).
 
-        With ``use_horizon`` an instant beyond the provider's horizon becomes a waypoint.
+        With ``use_horizon`` (the provider's arm) the instant is brought forward by the
+        pre-wake, and one beyond the provider's horizon becomes a waypoint, always earlier
+        than the pre-wake instant. Without it, the instant itself (local fallback timers).
         """
         job = self.jobs.get(job_id)
         if job is None or not job.active:
@@ -192,6 +272,8 @@ class Engine:
         fire_at = planner.arm_instant(job, js.next_fire)
         if not use_horizon:
             return fire_at
+        if self.prewake:
+            fire_at -= timedelta(seconds=self.prewake)
         return planner.waypoint(fire_at, _whole(now or self.clock()), self.max_horizon)
 
     # ------------------------------------------------------------------ start-up catch-up
@@ -213,7 +295,7 @@ class Engine:
                 continue
             if planner.misfire_action(job, js.next_fire, now, anchor=js.anchor) == "run":
                 continue
-            result = self._decide_overdue(job, js, now, trigger="catch-up")
+            result = self._decide_overdue(job, js, now, trigger="catch-up", pending=None)
             if result.start is not None:
                 result.start()
             touched.append(job.id)
@@ -221,7 +303,17 @@ class Engine:
             self.request_reconcile(touched)
         return touched
 
-    def _decide_overdue(self, job: Job, js: JobState, now: datetime, *, trigger: str) -> FireResult:
+    def _decide_overdue(
+        self,
+        job: Job,
+        js: JobState,
+        now: datetime,
+        *,
+        trigger: str,
+        pending: _Pending | None,
+        fire_at: datetime | None = None,
+        next_fire_before: datetime | None = None,
+    ) -> FireResult:
         assert js.next_fire is not None
         plan = planner.plan_overdue(
             job, js.next_fire, now, anchor=js.anchor, runs_started=js.runs_started
@@ -246,26 +338,101 @@ class Engine:
             now,
             trigger="catch-up",
             coalesced=plan.coalesced,
+            pending=pending,
+            fire_at=fire_at,
+            next_fire_before=next_fire_before or js.next_fire,
         )
 
     # ------------------------------------------------------------------ fire flow
     def handle_fire(
-        self, job_id: str, fire_at: datetime, *, trigger: str = "schedule"
+        self, job_id: str, fire_at: datetime, *, trigger: str = "schedule", at_instant: bool = False
     ) -> FireResult:
-        """Validate a delivered fire, claim its occurrence and plan the next one.
+        """Validate a delivered fire, claim its occurrence durably and plan the next one.
 
-        The run is not started here: the caller calls ``result.start()`` once the
-        answer is out (after the 202), so a long job never delays the reply.
+        The claim is fsynced before this returns (one fsync per claim, on the caller's
+        thread); the daemon's fire path is ``fire``. The run is not started here: the caller
+        calls ``result.start()`` once the answer is out (after the 202), so a long job never
+        delays the reply. ``at_instant``: the caller woke early on purpose; the run starts at
+        the occurrence's instant (so does the run of a pre-wake fire).
         """
         try:
-            return self._handle_fire(job_id, _whole(fire_at), trigger)
+            return self._handle_fire(job_id, _whole(fire_at), trigger, None, at_instant)
         except StateError as exc:
-            log.error("fire.state_failed", job_id=job_id, error=str(exc))
-            return FireResult("unavailable", 503, job_id, error=str(exc))
+            return self._unavailable(job_id, exc)
 
-    def _handle_fire(self, job_id: str, fire_at: datetime, trigger: str) -> FireResult:
-        now = _whole(self.clock())
+    async def fire(
+        self, job_id: str, fire_at: datetime, *, trigger: str = "schedule", at_instant: bool = False
+    ) -> FireResult:
+        """``handle_fire`` with the claim made durable by a group-commit round.
+
+        Returns once the claim is durable (then ``result.start()`` starts the run at the
+        occurrence's instant), or once it has been taken back because the fsync failed
+        (503, nothing claimed). A repeated delivery of an occurrence whose claim is still
+        being made durable waits for that claim and answers as it turned out.
+        """
+        fire_at = _whole(fire_at)
+        for _ in range(_FIRE_ATTEMPTS):
+            pending = _Pending()
+            try:
+                result = self._handle_fire(job_id, fire_at, trigger, pending, at_instant)
+            except StateError as exc:
+                return self._unavailable(job_id, exc)
+            if pending.claim is not None:
+                return await self._settle(pending.claim, result)
+            if pending.wait_for is not None:
+                await pending.wait_for.settled.wait()
+                if not pending.wait_for.durable:
+                    continue  # taken back: this delivery may claim it now
+                self._remember(job_id, fire_at, pending.wait_for.occurrence)
+            elif pending.confirm is not None:
+                # Another process's claim may not be durable yet (it commits as we do): a
+                # "duplicate" must not stop the retries of an occurrence that could be lost.
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._sync.wait()
+                except StateError as exc:
+                    return self._unavailable(job_id, exc)
+                self._remember(job_id, *pending.confirm)
+            return result
+        return FireResult(
+            "unavailable",
+            503,
+            job_id,
+            error="the occurrence's claim could not be committed; retry shortly",
+        )
+
+    def _unavailable(self, job_id: str, exc: StateError) -> FireResult:
+        log.error("fire.state_failed", job_id=job_id, error=str(exc))
+        return FireResult("unavailable", 503, job_id, error=str(exc))
+
+    def _sync_wal(self) -> None:
+        self.db.sync_wal()  # looked up at each call: tests swap the database's method
+
+    def _remember(self, job_id: str, fire_at: datetime | None, occurrence: datetime) -> None:
+        if fire_at is None:
+            return
+        known = self._known
+        if len(known) >= _KNOWN_MAX:
+            del known[next(iter(known))]  # the oldest
+        known[(job_id, fire_at)] = to_wire(occurrence)
+
+    def _handle_fire(
+        self,
+        job_id: str,
+        fire_at: datetime,
+        trigger: str,
+        pending: _Pending | None,
+        at_instant: bool = False,
+    ) -> FireResult:
         job = self.jobs.get(job_id)
+        if job is not None and job.active:
+            # The common repeat: a delivery whose occurrence is known claimed and durable,
+            # and planned past. No query, no schedule walk.
+            known = self._known.get((job_id, fire_at))
+            if known is not None:
+                log.debug("fire.duplicate", job_id=job_id, occurrence=known)
+                return FireResult("duplicate", 200, job_id)
+        now = _whole(self.clock())
         js = self.db.get_job(job_id) if job is not None else None
         if job is None or js is None:
             log.info("fire.gone", job_id=job_id, fire_at=to_wire(fire_at))
@@ -275,18 +442,29 @@ class Engine:
             self.request_reconcile([job_id])
             return FireResult("stale", 200, job_id)
         planned = planner.arm_instant(job, js.next_fire) if js.next_fire else None
-        if planned is not None and fire_at < planned and js.armed_fire == fire_at:
-            # A waypoint: the real occurrence lies beyond the provider's horizon.
-            if planner.too_early(fire_at, now):
-                return FireResult("too-early", 409, job_id, expected=fire_at)
-            self.db.update_job(job_id, armed_fire=None, armed_confirmed_at=None)
-            self.request_reconcile([job_id])
-            nxt = planner.waypoint(planned, now, self.max_horizon)
-            log.info("fire.rearmed", job_id=job_id, fire_at=to_wire(fire_at), next=to_wire(nxt))
-            return FireResult("rearmed", 200, job_id, expected=nxt)
-        occurrence = planner.occurrence_for_fire(
-            job, fire_at, anchor=js.anchor, planned=js.next_fire
-        )
+        occurrence: datetime | None = None
+        if planned is not None and fire_at < planned:
+            if self._is_prewake(fire_at, planned, js):
+                occurrence = js.next_fire
+                at_instant = True
+            elif js.armed_fire == fire_at and not self._prewake_of_claimed(job, js, fire_at):
+                # A waypoint: the real occurrence lies beyond the provider's horizon.
+                if planner.too_early(fire_at, now):
+                    return FireResult("too-early", 409, job_id, expected=fire_at)
+                self.db.update_job(job_id, armed_fire=None, armed_confirmed_at=None)
+                self.request_reconcile([job_id])
+                nxt = planner.waypoint(planned - self._prewake_delta(), now, self.max_horizon)
+                log.info("fire.rearmed", job_id=job_id, fire_at=to_wire(fire_at), next=to_wire(nxt))
+                return FireResult("rearmed", 200, job_id, expected=nxt)
+        if occurrence is None:
+            occurrence = planner.occurrence_for_fire(
+                job, fire_at, anchor=js.anchor, planned=js.next_fire
+            )
+        if occurrence is None and self.prewake:
+            # A repeated pre-wake delivery of an occurrence claimed (and planned past) already.
+            occurrence = planner.occurrence_for_fire(
+                job, fire_at + self._prewake_delta(), anchor=js.anchor
+            )
         if occurrence is None:
             log.info(
                 "fire.stale", job_id=job_id, fire_at=to_wire(fire_at), reason="not-in-schedule"
@@ -296,28 +474,111 @@ class Engine:
         if planner.too_early(planner.arm_instant(job, occurrence), now):
             log.info("fire.too_early", job_id=job_id, fire_at=to_wire(fire_at))
             return FireResult("too-early", 409, job_id, expected=occurrence)
-        if self.db.get_occurrence(job_id, occurrence) is not None:
-            self._plan_past_claimed(job, js, occurrence, now)
-            log.info("fire.duplicate", job_id=job_id, occurrence=to_wire(occurrence))
-            return FireResult("duplicate", 200, job_id)
+        existing = self.db.get_occurrence(job_id, occurrence)
+        if existing is not None:
+            return self._duplicate(
+                job, js, occurrence, now, fire_at, trigger, pending, at_instant, existing.owner
+            )
         if js.next_fire is None or occurrence < js.next_fire:
             log.info(
                 "fire.stale", job_id=job_id, occurrence=to_wire(occurrence), reason="superseded"
             )
             self.request_reconcile([job_id])
             return FireResult("stale", 200, job_id)
+        next_fire_before = js.next_fire
         if occurrence > js.next_fire:
             # Delivered for a later occurrence than planned (state restored from
             # an older copy, say): plan as if this one had been next.
             js = replace(js, next_fire=occurrence)
         if planner.misfire_action(job, occurrence, now, anchor=js.anchor) != "run":
-            return self._decide_overdue(job, js, now, trigger=trigger)
+            return self._decide_overdue(
+                job,
+                js,
+                now,
+                trigger=trigger,
+                pending=pending,
+                fire_at=fire_at,
+                next_fire_before=next_fire_before,
+            )
         next_fire, coalesced = planner.next_after_claim(
             job, occurrence, now, anchor=js.anchor, runs_started=js.runs_started + 1
         )
         return self._claim_and_start(
-            job, js, occurrence, next_fire, now, trigger=trigger, coalesced=coalesced
+            job,
+            js,
+            occurrence,
+            next_fire,
+            now,
+            trigger=trigger,
+            coalesced=coalesced,
+            pending=pending,
+            fire_at=fire_at,
+            next_fire_before=next_fire_before,
+            at_instant=at_instant,
         )
+
+    def _prewake_delta(self) -> timedelta:
+        return timedelta(seconds=self.prewake)
+
+    def _is_prewake(self, fire_at: datetime, planned: datetime, js: JobState) -> bool:
+        """Whether ``fire_at`` is the pre-wake arm of the planned occurrence (at ``planned``).
+
+        The current pre-wake instant, or any instant within the pre-wake that was armed
+        (armed under a shorter pre-wake before a configuration change).
+        """
+        if not self.prewake:
+            return False
+        earliest = planned - self._prewake_delta()
+        return earliest <= fire_at < planned and (fire_at == earliest or js.armed_fire == fire_at)
+
+    def _prewake_of_claimed(self, job: Job, js: JobState, fire_at: datetime) -> bool:
+        """Whether ``fire_at`` is the pre-wake of an occurrence planned past already (a repeated
+        delivery arriving before the reconciler re-armed): a duplicate, not a waypoint."""
+        if not self.prewake or js.next_fire is None:
+            return False
+        occurrence = planner.occurrence_for_fire(
+            job, fire_at + self._prewake_delta(), anchor=js.anchor
+        )
+        return occurrence is not None and occurrence < js.next_fire
+
+    def _duplicate(
+        self,
+        job: Job,
+        js: JobState,
+        occurrence: datetime,
+        now: datetime,
+        fire_at: datetime,
+        trigger: str,
+        pending: _Pending | None,
+        at_instant: bool,
+        owner: str | None,
+    ) -> FireResult:
+        """The occurrence is claimed already (``owner``; None: unknown, someone else)."""
+        claim = self._unsettled.get((job.id, occurrence))
+        if claim is not None:
+            if claim.failed:
+                # Its fsync failed and taking it back failed too: take it back now, then
+                # this delivery claims it afresh.
+                self._undo(claim)
+                return self._handle_fire(job.id, fire_at, trigger, pending, at_instant)
+            if pending is None:
+                return FireResult(
+                    "unavailable",
+                    503,
+                    job.id,
+                    error="the occurrence's claim is being committed; retry shortly",
+                )
+            pending.wait_for = claim
+            log.debug("fire.duplicate", job_id=job.id, occurrence=to_wire(occurrence))
+            return FireResult("duplicate", 200, job.id)
+        self._plan_past_claimed(job, js, occurrence, now)
+        log.debug("fire.duplicate", job_id=job.id, occurrence=to_wire(occurrence))
+        if owner is not None and owner in (self.owner, self.db.owner):
+            # Ours and settled: durable (a claim that could not be is taken back or unsettled).
+            self._remember(job.id, fire_at, occurrence)
+        elif pending is not None:
+            pending.confirm = (fire_at, occurrence)
+        return FireResult("duplicate", 200, job.id)
 
     def _plan_past_claimed(
         self, job: Job, js: JobState, occurrence: datetime, now: datetime
@@ -342,10 +603,23 @@ class Engine:
         *,
         trigger: str,
         coalesced: int = 0,
+        pending: _Pending | None,
+        fire_at: datetime | None,
+        next_fire_before: datetime | None,
+        at_instant: bool = False,
     ) -> FireResult:
-        action = planner.overlap_action(
-            job, running=len(self._running.get(job.id, ())), queued=int(job.id in self._queued)
-        )
+        instant = planner.arm_instant(job, occurrence)
+        early = at_instant and instant > self.clock()
+        running = len(self._running.get(job.id, ())) + len(self._waiting.get(job.id, ()))
+        queued = int(job.id in self._queued)
+        action: str
+        if early and job.overlap != "allow" and (running or queued or self._deferred.get(job.id)):
+            # Claimed ahead of its instant while another run of the job is alive: whether
+            # it starts, waits or is skipped depends on whether that one has ended by then.
+            action = "defer"
+        else:
+            action = planner.overlap_action(job, running=running, queued=queued)
+        durable = pending is None
         crash_point("before-claim")
         run = None
         if action in ("start", "replace"):
@@ -358,6 +632,7 @@ class Engine:
                 now=now,
                 next_fire=next_fire,
                 completed=next_fire is None,
+                durable=durable,
             )
             won = run is not None
         else:
@@ -369,32 +644,44 @@ class Engine:
                 now=now,
                 next_fire=next_fire,
                 completed=next_fire is None,
+                durable=durable,
             )
         if not won:
-            self._plan_past_claimed(job, js, occurrence, now)
-            log.info("fire.duplicate", job_id=job.id, occurrence=to_wire(occurrence))
-            return FireResult("duplicate", 200, job.id)
-        crash_point("after-claim")
-        # Re-arm before the job runs: the next fire is recorded; the reconciler arms it.
-        self.request_reconcile([job.id])
-        log.info(
-            "fire.claimed",
+            # Another process claimed it between our look-up and our insert.
+            return self._duplicate(
+                job, js, occurrence, now, fire_at or occurrence, trigger, pending, at_instant, None
+            )
+        claim = _Claim(
             job_id=job.id,
-            occurrence=to_wire(occurrence),
+            occurrence=occurrence,
+            fire_at=fire_at,
             trigger=trigger,
-            next_fire=to_wire(next_fire) if next_fire else None,
+            action=action,
+            run_id=run.run_id if run is not None else None,
+            next_fire=next_fire,
+            next_fire_before=next_fire_before,
+            completed_before=js.completed,
             coalesced=coalesced,
         )
+        if pending is None:
+            claim.durable = True
+            self._claimed(claim)
+        else:
+            self._unsettled[(job.id, occurrence)] = claim
+            pending.claim = claim
         if action == "skip":
             self.db.set_occurrence_state(job.id, occurrence, "skipped", now=now)
-            log.info(
-                "fire.skipped", job_id=job.id, occurrence=to_wire(occurrence), reason="overlap"
-            )
             return FireResult("skipped", 200, job.id)
         if action == "queue":
             self._queued[job.id] = (occurrence, trigger)
-            log.info("fire.queued", job_id=job.id, occurrence=to_wire(occurrence))
             return FireResult("accepted", 202, job.id)
+        if action == "defer":
+
+            def decide() -> None:
+                crash_point("after-reply")
+                self._defer(job, occurrence, trigger, instant)
+
+            return FireResult("accepted", 202, job.id, start=decide)
         assert run is not None
         run_id = run.run_id
 
@@ -403,9 +690,79 @@ class Engine:
             if action == "replace":
                 for control in self._running.get(job.id, ()):
                     control.stop()
-            self._spawn(job, occurrence, trigger, 1, run_id)
+            self._spawn(job, occurrence, trigger, 1, run_id, not_before=instant if early else None)
 
         return FireResult("accepted", 202, job.id, run_id=run_id, start=start)
+
+    def _claimed(self, claim: _Claim) -> None:
+        """The claim is durable: re-arm, then say so."""
+        crash_point("after-claim")
+        # Re-arm before the job runs: the next fire is recorded; the reconciler arms it.
+        self.request_reconcile([claim.job_id])
+        occurrence = to_wire(claim.occurrence)
+        log.info(
+            "fire.claimed",
+            job_id=claim.job_id,
+            occurrence=occurrence,
+            trigger=claim.trigger,
+            next_fire=to_wire(claim.next_fire) if claim.next_fire else None,
+            coalesced=claim.coalesced,
+        )
+        if claim.action == "skip":
+            log.info("fire.skipped", job_id=claim.job_id, occurrence=occurrence, reason="overlap")
+        elif claim.action == "queue":
+            log.info("fire.queued", job_id=claim.job_id, occurrence=occurrence)
+        self._remember(claim.job_id, claim.fire_at, claim.occurrence)
+
+    async def _settle(self, claim: _Claim, result: FireResult) -> FireResult:
+        """Wait until ``claim`` is durable; take it back (503) when it cannot be."""
+        key = (claim.job_id, claim.occurrence)
+        # Shielded: a claim left neither durable nor taken back would hang every repeat.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._sync.wait()
+            except StateError as exc:
+                log.error(
+                    "fire.sync_failed",
+                    job_id=claim.job_id,
+                    occurrence=to_wire(claim.occurrence),
+                    error=str(exc),
+                )
+                with suppress(StateError):  # logged; a repeat of the delivery tries again
+                    self._undo(claim)
+                claim.settled.set()
+                return FireResult("unavailable", 503, claim.job_id, error=str(exc))
+        del self._unsettled[key]
+        claim.durable = True
+        claim.settled.set()
+        self._claimed(claim)
+        return result
+
+    def _undo(self, claim: _Claim) -> None:
+        """Take back a claim that could not be made durable, so that a retry can claim it."""
+        try:
+            self.db.undo_claim(
+                claim.job_id,
+                claim.occurrence,
+                run_id=claim.run_id,
+                planned=claim.next_fire,
+                next_fire=claim.next_fire_before,
+                completed=claim.completed_before,
+            )
+        except StateError as exc:
+            claim.failed = True
+            log.error(
+                "fire.undo_failed",
+                job_id=claim.job_id,
+                occurrence=to_wire(claim.occurrence),
+                error=str(exc),
+            )
+            raise
+        self._unsettled.pop((claim.job_id, claim.occurrence), None)
+        if self._queued.get(claim.job_id) == (claim.occurrence, claim.trigger):
+            del self._queued[claim.job_id]
+        self.request_reconcile([claim.job_id])
+        log.warning("fire.undone", job_id=claim.job_id, occurrence=to_wire(claim.occurrence))
 
     def fire_manual(self, job_id: str) -> FireResult:
         """``chronosd fire JOB``: claim an occurrence at now (trigger manual) and start it."""
@@ -434,23 +791,135 @@ class Engine:
     def running_jobs(self) -> dict[str, int]:
         return {job_id: len(controls) for job_id, controls in self._running.items() if controls}
 
-    def _spawn(
-        self, job: Job, occurrence: datetime, trigger: str, attempt: int, run_id: str | None
-    ) -> None:
+    def _hold(self) -> anyio.abc.TaskGroup:
+        """Count one task of the engine's (a run, or a wait for an instant) as activity."""
         if self._tg is None:
             raise RuntimeError("Engine.bind() was not called")
         self._active_tasks += 1
         self._all_done = anyio.Event() if self._all_done.is_set() else self._all_done
         if self.idle is not None:
             self.idle.acquire("run")
-        self._tg.start_soon(
-            self._run_task, job, occurrence, trigger, attempt, run_id, name=f"run:{job.id}"
+        return self._tg
+
+    def _release(self) -> None:
+        self._active_tasks -= 1
+        if self.idle is not None:
+            self.idle.release("run")
+        if self._active_tasks == 0:
+            self._all_done.set()
+
+    def _spawn(
+        self,
+        job: Job,
+        occurrence: datetime,
+        trigger: str,
+        attempt: int,
+        run_id: str | None,
+        *,
+        not_before: datetime | None = None,
+    ) -> None:
+        """Start a run in the engine's task group, at ``not_before`` when that is given."""
+        tg = self._hold()
+        if not_before is not None:
+            self._waiting.setdefault(job.id, []).append(not_before)
+        tg.start_soon(
+            self._run_task,
+            job,
+            occurrence,
+            trigger,
+            attempt,
+            run_id,
+            not_before,
+            name=f"run:{job.id}",
         )
 
+    async def _wait_until(self, instant: datetime) -> bool:
+        """Sleep until the wall clock reaches ``instant``; False when stop_runs() came first."""
+        for _ in range(_WAKE_CHECKS):
+            delay = (instant - self.clock()).total_seconds()
+            if delay <= 0:
+                break
+            with anyio.move_on_after(delay):
+                await self._halt.wait()
+            if self._halt.is_set():
+                return False
+            # The timers run on the monotonic clock: look again only when the wall clock is
+            # a hair short (an injected clock that stands still is not waited for twice).
+            if (instant - self.clock()).total_seconds() >= _WAKE_SLACK:
+                break
+        return not self._halt.is_set()
+
+    def _defer(self, job: Job, occurrence: datetime, trigger: str, instant: datetime) -> None:
+        tg = self._hold()
+        self._deferred[job.id] = self._deferred.get(job.id, 0) + 1
+        tg.start_soon(self._decide_at, job, occurrence, trigger, instant, name=f"defer:{job.id}")
+
+    async def _decide_at(
+        self, job: Job, occurrence: datetime, trigger: str, instant: datetime
+    ) -> None:
+        """At ``instant``, start, queue or skip an occurrence claimed early (overlap)."""
+        try:
+            try:
+                go = await self._wait_until(instant)
+            finally:
+                left = self._deferred.get(job.id, 1) - 1
+                if left:
+                    self._deferred[job.id] = left
+                else:
+                    self._deferred.pop(job.id, None)
+            if not go:
+                return  # shutting down: the claim is recovered as interrupted at the next start
+            now = _whole(self.clock())
+            running = len(self._running.get(job.id, ())) + sum(
+                1 for at in self._waiting.get(job.id, ()) if at <= instant
+            )
+            action = planner.overlap_action(
+                job, running=running, queued=int(job.id in self._queued)
+            )
+            occ = to_wire(occurrence)
+            if action == "skip":
+                self.db.set_occurrence_state(job.id, occurrence, "skipped", now=now)
+                log.info("fire.skipped", job_id=job.id, occurrence=occ, reason="overlap")
+            elif action == "queue":
+                self._queued[job.id] = (occurrence, trigger)
+                log.info("fire.queued", job_id=job.id, occurrence=occ)
+            else:
+                if action == "replace":
+                    for control in self._running.get(job.id, ()):
+                        control.stop()
+                run = self.db.start_run(job.id, occurrence, attempt=1, trigger=trigger, now=now)
+                self._spawn(job, occurrence, trigger, 1, run.run_id)
+        except StateError as exc:
+            # Claimed without a run: the next start's recovery marks it interrupted.
+            log.error(
+                "run.state_failed", job_id=job.id, occurrence=to_wire(occurrence), error=str(exc)
+            )
+        finally:
+            self._release()
+
     async def _run_task(
-        self, job: Job, occurrence: datetime, trigger: str, attempt: int, run_id: str | None
+        self,
+        job: Job,
+        occurrence: datetime,
+        trigger: str,
+        attempt: int,
+        run_id: str | None,
+        not_before: datetime | None = None,
     ) -> None:
         try:
+            if not_before is not None:
+                try:
+                    go = await self._wait_until(not_before)
+                finally:
+                    waiting = self._waiting[job.id]
+                    waiting.remove(not_before)
+                    if not waiting:
+                        del self._waiting[job.id]
+                if not go:
+                    # Shutting down before its instant: the run stays recorded as running
+                    # and the next start's recovery marks it interrupted.
+                    log.info("run.abandoned", job_id=job.id, occurrence=to_wire(occurrence))
+                    return
             while True:
                 try:
                     outcome, run_id = await self._run_once(
@@ -481,11 +950,7 @@ class Engine:
                 trigger = "retry"
                 run_id = None
         finally:
-            self._active_tasks -= 1
-            if self.idle is not None:
-                self.idle.release("run")
-            if self._active_tasks == 0:
-                self._all_done.set()
+            self._release()
             queued = self._queued.pop(job.id, None)
             if queued is not None and self._tg is not None:
                 with suppress(StateError):
@@ -538,7 +1003,9 @@ class Engine:
             )
             try:
                 outcome = await run_job(
-                    spec, control, on_started=lambda pid: self.db.set_run_pid(run_id, pid)
+                    spec,
+                    control,
+                    on_started=lambda pid: self.db.set_run_pid(run_id, pid, started_at=now),
                 )
             finally:
                 self._running[job.id].remove(control)
@@ -563,6 +1030,8 @@ class Engine:
             return outcome, run_id
 
     def stop_runs(self) -> None:
+        """Stop every run, and every run still waiting for its instant (for good: shutdown)."""
+        self._halt.set()
         for controls in self._running.values():
             for control in controls:
                 control.stop()

@@ -37,6 +37,8 @@ def jitter_for(job_id: str, scheduled: datetime, bound: float) -> float:
 
 def arm_instant(job: Job, scheduled: datetime) -> datetime:
     """When the trigger for an occurrence should go off (its instant plus jitter)."""
+    if job.jitter < 1:
+        return scheduled  # on every fire's path: skip the hash when there is no jitter
     return scheduled + timedelta(seconds=jitter_for(job.id, scheduled, job.jitter))
 
 

@@ -18,6 +18,13 @@ Decisions worth knowing:
   of a dead owner that recovery marks ``interrupted``; a lost nonce lets a
   replayed fire through to a claim that refuses it. That keeps the fsyncs
   to one per fire, on the claim, which is the only one before the 202.
+- Group commit: the daemon commits a claim with ``durable=False`` and then
+  waits for a SyncGroup round, one fsync of the WAL file in a worker thread
+  shared by every claim committed before the round began. The claim is as
+  durable as a ``FULL`` commit once the round returns; if the round fails,
+  ``undo_claim`` takes the claim back so that the caller's retry finds it
+  unclaimed. Other readers may see such a claim before it is durable, which
+  is why a duplicate answered from someone else's claim waits for a round too.
 - ``busy_timeout`` (5 s by default) is the only place a call may block for
   long: another process is holding the write lock for longer than any of our
   transactions ever should. When it runs out, the caller gets a StateError
@@ -34,6 +41,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sqlite3
@@ -204,7 +212,10 @@ def _wire_opt(instant: datetime | None) -> str | None:
     return None if instant is None else to_wire(instant)
 
 
+@functools.lru_cache(maxsize=4096)
 def _instant(text: str) -> datetime:
+    # Cached: rows share instants (a start anchors every new job at the same second), and
+    # reading 10,000 job rows otherwise spends most of its time parsing them.
     try:
         return parse_instant(text)
     except ValueError as exc:
@@ -272,6 +283,7 @@ class StateDB:
         self.path = state_dir / DB_NAME
         self.owner = owner
         self.read_only = read_only
+        self._synced_inode: int | None = None  # the WAL file whose directory entry was synced
 
     # ----------------------------------------------------------------- opening
 
@@ -564,15 +576,17 @@ class StateDB:
         next_fire: datetime | None,
         runs_started_inc: int = 1,
         completed: bool = False,
+        durable: bool = True,
     ) -> bool:
         """Claim an occurrence and plan the job's next fire, atomically.
 
         Returns whether the occurrence was inserted; when it was not (someone
         else claimed it), the job state is left alone. Raises StateError, with
-        nothing written, when the job has no state row.
+        nothing written, when the job has no state row. ``durable=False``
+        leaves the fsync to the caller (see SyncGroup).
         """
         values = self._occ_values(job_id, scheduled_at, "claimed", owner, trigger, now)
-        with self._write("claiming an occurrence", durable=True) as conn:
+        with self._write("claiming an occurrence", durable=durable) as conn:
             if conn.execute(self._OCC_INSERT, values).rowcount != 1:
                 return False
             advanced = conn.execute(
@@ -598,11 +612,13 @@ class StateDB:
         next_fire: datetime | None,
         completed: bool = False,
         attempt: int = 1,
+        durable: bool = True,
     ) -> RunRecord | None:
         """claim_and_advance and start_run in one transaction; None when already claimed.
 
         Either the occurrence is claimed, the next fire planned and the run recorded, or
         nothing is written: a failure can never leave a claim without its run.
+        ``durable=False`` leaves the fsync to the caller (see SyncGroup).
         """
         _check_choice("trigger", trigger, TRIGGERS)
         _check_name("job id", job_id)
@@ -631,9 +647,81 @@ class StateDB:
             trigger=trigger,
             now=now,
             action="claiming an occurrence",
-            durable=True,
+            durable=durable,
             first=claim_and_advance,
         )
+
+    def undo_claim(
+        self,
+        job_id: str,
+        scheduled_at: datetime,
+        *,
+        run_id: str | None,
+        planned: datetime | None,
+        next_fire: datetime | None,
+        completed: bool,
+    ) -> None:
+        """Take back a claim whose fsync failed, in one transaction.
+
+        Deletes the occurrence and its run (and the run's empty log), counts the start back,
+        and restores ``next_fire``/``completed`` to what they were before the claim
+        (``next_fire``, ``completed``) unless something re-planned the job meanwhile
+        (``next_fire`` is no longer ``planned``, the value the claim wrote).
+        """
+        scheduled = _wire(scheduled_at)
+        log_path: str | None = None
+        with self._write("undoing a claim") as conn:
+            if run_id is not None:
+                row = conn.execute(
+                    "DELETE FROM runs WHERE run_id = ? RETURNING output_path", (run_id,)
+                ).fetchone()
+                log_path = None if row is None else str(row[0])
+            conn.execute(
+                "DELETE FROM occurrences WHERE job_id = ? AND scheduled_at = ?", (job_id, scheduled)
+            )
+            conn.execute(
+                "UPDATE job_state SET runs_started = MAX(runs_started - 1, 0) WHERE job_id = ?",
+                (job_id,),
+            )
+            conn.execute(
+                "UPDATE job_state SET next_fire = ?, completed = ? "
+                "WHERE job_id = ? AND next_fire IS ?",
+                (_wire_opt(next_fire), int(completed), job_id, _wire_opt(planned)),
+            )
+        if log_path is not None:
+            with contextlib.suppress(OSError):
+                self._resolve(log_path).unlink()
+
+    def sync_wal(self) -> None:
+        """fsync the write-ahead log: every transaction committed before the call is durable
+        when it returns, as if it had been committed with ``synchronous=FULL``.
+
+        Touches no SQLite connection, so it may run in a worker thread (SyncGroup does).
+        """
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            try:
+                fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                # No log yet (nothing written since the last connection closed): the commits
+                # are in the database file itself.
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+                inode = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            if inode != self._synced_inode:
+                # A newly created log is durable only once its directory entry is (SQLite's own
+                # FULL commit syncs the directory once for a new log as well).
+                dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+                self._synced_inode = inode
+        except OSError as exc:
+            raise _state_error(self.path, "syncing the write-ahead log", exc) from exc
 
     def get_occurrence(self, job_id: str, scheduled_at: datetime) -> Occurrence | None:
         with self._guard("reading an occurrence"):
@@ -814,9 +902,17 @@ class StateDB:
             )
         raise StateError(f"could not pick an unused run id under {path.parent}; check the clock")
 
-    def set_run_pid(self, run_id: str, pid: int) -> None:
+    def set_run_pid(self, run_id: str, pid: int, *, started_at: datetime | None = None) -> None:
+        """Record the pid of a run's process, and when given, when it really started (a run
+        recorded at an early claim starts at its instant, not at the claim)."""
         with self._guard("recording a run's pid"):
-            self._db.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+            if started_at is None:
+                self._db.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+            else:
+                self._db.execute(
+                    "UPDATE runs SET pid = ?, started_at = ? WHERE run_id = ?",
+                    (pid, _wire(started_at), run_id),
+                )
 
     def finish_run(
         self,
@@ -996,6 +1092,67 @@ def _job_value(name: str, value: Any) -> Any:
     if name == "completed":
         return int(bool(value))
     return value
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+class _Round:
+    __slots__ = ("done", "error")
+
+    def __init__(self, done: Any) -> None:
+        self.done = done  # an anyio.Event, set once the round's fsync has returned or failed
+        self.error: BaseException | None = None
+
+
+class SyncGroup:
+    """Group commit: one ``sync`` (StateDB.sync_wal) in a worker thread serves every caller
+    of ``wait`` that arrived before it began.
+
+    ``wait`` returns once a sync that *started after the call* has succeeded, so whatever
+    the caller committed before calling is durable. Callers that arrive while a sync runs
+    share the next one; at most one sync runs at a time. Raises StateError when the sync
+    failed (the caller must then not treat its commits as durable).
+    """
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._open: _Round | None = None  # gathering callers, not started yet
+        self._running: _Round | None = None
+        self.rounds = 0  # syncs done, for tests and benchmarks
+
+    async def wait(self) -> None:
+        import anyio
+        import anyio.to_thread
+
+        round_ = self._open
+        if round_ is not None:
+            await round_.done.wait()
+        else:
+            round_ = self._open = _Round(anyio.Event())
+            # The first caller leads the round; the others wait on it, so it must complete
+            # even if the leader's own caller is cancelled. A sync is bounded (one fsync).
+            with anyio.CancelScope(shield=True):
+                if self._running is not None:
+                    await self._running.done.wait()
+                self._open = None  # from here on, later commits need the next round
+                self._running = round_
+                try:
+                    await anyio.to_thread.run_sync(self._sync)
+                except Exception as exc:
+                    round_.error = exc
+                finally:
+                    self._running = None
+                    self.rounds += 1
+                    round_.done.set()
+        error = round_.error
+        if error is not None:
+            if isinstance(error, StateError):
+                raise StateError(str(error)) from error
+            reason = _one_line(str(error)) or type(error).__name__
+            raise StateError(
+                f"syncing the state database failed: {reason}; check the file system"
+            ) from error
 
 
 # --------------------------------------------------------------------------- files

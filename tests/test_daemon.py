@@ -557,3 +557,30 @@ def test_cli_commands_work_with_the_daemon_running_and_after_it_stopped(setup: S
     table = setup.cli("runs", "hello")
     assert table.returncode == 0
     assert table.stdout.count("hello") == 2
+
+
+# ---------------------------------------------------------------------- 6. timing of starts
+def test_local_timer_jobs_are_claimed_ahead_but_never_start_before_their_instant(
+    setup: Setup,
+) -> None:
+    stamps = setup.root / "stamps"
+    code = (
+        "import os, time\n"
+        f"open({str(stamps)!r}, 'a').write("
+        "os.environ['CHRONOS_SCHEDULED_AT'] + ' ' + repr(time.time()) + '\\n')"
+    )
+    setup.write_jobs(
+        [{"id": "onsec", "schedule": "every 1s", "command": [sys.executable, "-c", code]}]
+    )
+    setup.write_config()
+    with setup.daemon() as daemon:
+        daemon.wait_started()
+        wait_until(
+            lambda: stamps.exists() and len(stamps.read_text().splitlines()) >= 4,
+            timeout=30,
+            what="4 starts of onsec",
+        )
+        assert daemon.stop() == 0
+    for line in stamps.read_text().splitlines():
+        scheduled, started = line.split()
+        assert float(started) >= parse_instant(scheduled).timestamp(), line

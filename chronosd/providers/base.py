@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from chronosd.errors import ProviderError
 
 # Called by a resident provider when an armed instant comes due.
-DueCallback = Callable[[str, datetime], Awaitable[None]]
+DueCallback = Callable[[str, datetime], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,28 @@
 
 One sleeping task waits for the earliest armed instant (a heap, no polling);
 arming an earlier instant wakes it to sleep again for the new minimum.
+
+An arm is handed to ``on_due`` LEAD seconds before its instant, so that the claim
+and its fsync are done when the instant comes; the engine starts the run at the
+instant itself, never before. Arms due together are handed over concurrently,
+so their claims share fsyncs.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Final
 
 import anyio
 
 from chronosd.providers.base import Arm, DueCallback
 from chronosd.timefmt import utc_now
+
+LEAD: Final = 0.1  # seconds before an armed instant that on_due is called
+
+_LEAD: Final = timedelta(seconds=LEAD)
 
 
 class LocalProvider:
@@ -51,8 +61,10 @@ class LocalProvider:
         self._armed.clear()
 
     def _pop_due(self, now: datetime) -> list[tuple[str, datetime]]:
+        """Arms whose instant is at most LEAD after ``now``."""
         due: list[tuple[str, datetime]] = []
-        while self._heap and self._heap[0][0] <= now:
+        horizon = now + _LEAD
+        while self._heap and self._heap[0][0] <= horizon:
             fire_at, job_id = heapq.heappop(self._heap)
             if self._armed.get(job_id) == fire_at:
                 del self._armed[job_id]
@@ -64,14 +76,20 @@ class LocalProvider:
             heapq.heappop(self._heap)  # stale entry of a cancelled or replaced arm
         if not self._heap:
             return float("inf")
-        return max(0.0, (self._heap[0][0] - now).total_seconds())
+        return max(0.0, (self._heap[0][0] - now).total_seconds() - LEAD)
 
     async def run(self, on_due: DueCallback) -> None:
-        """Fire due arms forever; each callback runs to completion before the next sleep."""
+        """Fire due arms forever, LEAD before their instants; the callbacks of arms due
+        together run concurrently, and all of them to completion before the next sleep."""
         while True:
             now = self._clock()
-            for job_id, fire_at in self._pop_due(now):
-                await on_due(job_id, fire_at)
+            due = self._pop_due(now)
+            if len(due) == 1:
+                await on_due(*due[0])
+            elif due:
+                async with anyio.create_task_group() as tg:
+                    for job_id, fire_at in due:
+                        tg.start_soon(on_due, job_id, fire_at)
             delay = self._next_delay(self._clock())
             if delay == 0.0:
                 continue
