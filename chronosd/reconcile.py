@@ -41,6 +41,11 @@ BACKOFF_CAP = 300.0
 REJECTED_RETRY = 300.0  # a refused token or request is tried again only this rarely
 META_LAST_LIST = "last_list_at"
 COALESCE = 0.02
+# Requests in flight to the provider during a pass. Measured against the reference NAS on
+# loopback (first start, 4,000 new jobs, best of two runs each): 4 -> 870 arms/s,
+# 8 -> 1,580/s, 16 -> 1,380/s; the client's CPU per request is lowest at 8, and a hosted
+# NAS sees half the connections of 16.
+CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ def backoff_delay(failures: int, *, retry_after: float | None = None) -> float:
     return max(delay, retry_after or 0.0)
 
 
+SMALL_BATCH = 256  # up to this many jobs a pass reads their states one by one
+
+
 class Reconciler:
     def __init__(
         self,
@@ -79,7 +87,7 @@ class Reconciler:
         db: StateDB,
         idle: IdleTracker | None = None,
         clock: Callable[[], datetime] = utc_now,
-        concurrency: int = 16,
+        concurrency: int = CONCURRENCY,
         fallback_after: float = 600.0,
         list_every: float | None = None,
     ) -> None:
@@ -147,7 +155,7 @@ class Reconciler:
                 tg.start_soon(self.fallback.run, on_due)
             task_status.started()
             if settle is not None:
-                await settle()  # the NAS list (and httpx) wait until the first reply is out
+                await settle()  # the NAS list waits until the first reply is out
             await self.heal()
             while True:
                 if not self._pending:
@@ -238,7 +246,7 @@ class Reconciler:
         self._busy = True
         failed: dict[str, ProviderError] = {}
         try:
-            states = self.db.all_jobs()
+            states = self._states(batch)
             observed = self._observed(batch, states)
             actions = [
                 a
@@ -344,6 +352,13 @@ class Reconciler:
             await self.fallback.cancel(job_id)
             log.info("arm.handed_back", job_id=job_id, provider=self.provider.name)
             self._sync_resident()
+
+    def _states(self, batch: set[str]) -> dict[str, JobState]:
+        # An edit touches a job or two: reading the whole table (10,000 rows) would cost more
+        # than the arm. A big batch (start-up) reads it once.
+        if len(batch) > SMALL_BATCH:
+            return self.db.all_jobs()
+        return {job_id: js for job_id in batch if (js := self.db.get_job(job_id)) is not None}
 
     def _observed(self, batch: set[str], states: dict[str, JobState]) -> dict[str, datetime]:
         if not self.provider.persistent:
