@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import os
+import select
 import signal
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -31,6 +33,7 @@ from chronosd.fire import Engine, FireResult
 from chronosd.http.auth import FireAuthenticator
 from chronosd.http.routes import DaemonRoutes
 from chronosd.http.server import (
+    DEFAULT_LIMITS,
     HTTPServer,
     Request,
     Response,
@@ -40,19 +43,30 @@ from chronosd.http.server import (
 )
 from chronosd.jobs.file import read_jobs_file
 from chronosd.jobs.model import Job
-from chronosd.jobs.validate import JobDefaults, validate_document
+from chronosd.jobs.validate import JobDefaults, ValidationMemo, validate_document
 from chronosd.log import get_logger
 from chronosd.providers.base import Provider
 from chronosd.providers.local import LocalProvider
 from chronosd.reconcile import Reconciler
-from chronosd.state import StateDB, owner_token
+from chronosd.state import JobState, StateDB, owner_token
 from chronosd.timefmt import to_wire, utc_now
 
 log = get_logger("chronosd.daemon")
 
 META_LAST_GOOD = "jobs_last_good"
+# The validation results of the last good jobs.json (ValidationMemo.dumps), so that a start
+# with an unchanged file, or with a few records edited, does not check every job again.
+META_JOBS_MEMO = "jobs_memo"
 META_JOBS_ERROR = "jobs_error"
 META_DAEMON = "daemon"
+
+# The memo is written this long after the load that made it, so that the reconcile and the fire
+# path that load started go first; an exit before then writes it on the way out.
+MEMO_SAVE_DELAY = 1.0
+
+# Under socket activation an idle keep-alive connection (a NAS's pooled one) must not keep the
+# process up past its idle exit; the next request simply opens a new connection.
+SOCKET_ACTIVATED_KEEPALIVE = 1.0
 
 # The cold fire path answers before watchfiles (a Rust extension, and multiprocessing with it)
 # is imported: the watcher starts once the first request has been answered (or its connection
@@ -102,12 +116,17 @@ class Daemon:
         )
         self.jobs_digest: str | None = None
         self.jobs_error: str | None = None
+        self._memo: ValidationMemo | None = None
+        self._memo_saved: str | None = None  # digest of the jobs.json whose memo state.db holds
+        self._memo_changed = anyio.Event()
+        self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
         self.server: HTTPServer | None = None
         self._stopping = False
         self._conn_held = False
         self._first_reply = anyio.Event()
         self._served = anyio.Event()  # set when the server has answered its last request
         self._connections = 0
+        self._listener_fds: list[int] = []
 
     # ---------------------------------------------------------------- parts
     def _make_provider(self) -> Provider:
@@ -140,6 +159,10 @@ class Daemon:
     # ---------------------------------------------------------------- jobs.json
     def load_jobs(self, *, startup: bool = False) -> bool:
         """Read jobs.json; apply it when valid. A bad file changes nothing that is armed."""
+        with _gc_paused():
+            return self._load_jobs(startup=startup)
+
+    def _load_jobs(self, *, startup: bool) -> bool:
         path = self.config.jobs
         try:
             jobs_file = read_jobs_file(
@@ -147,7 +170,8 @@ class Daemon:
                 defaults=job_defaults(self.config),
                 now=utc_now(),
                 on_invalid_job=self.config.on_invalid_job,
-                known_schedules=self._known_schedules(),
+                known_schedules=_KnownSchedules(self.db),
+                memo=self._validation_memo(),
             )
         except JobsFileError as exc:
             self.jobs_error = str(exc)
@@ -164,9 +188,12 @@ class Daemon:
             log.warning(
                 "jobs.problem", path=str(path), problem=str(problem), severity=problem.severity
             )
-        diff = self.engine.apply_jobs(jobs_file.jobs)
-        with contextlib.suppress(OSError):
-            self._set_meta(META_LAST_GOOD, path.read_text(encoding="utf-8-sig"))
+        diff = self.engine.apply_jobs(jobs_file.jobs, reconcile_all=startup)
+        self._save_last_good(jobs_file.text)
+        if jobs_file.memo is not None:
+            self._memo = jobs_file.memo
+            if jobs_file.digest != self._memo_saved:
+                self._memo_changed.set()
         log.info(
             "jobs.loaded",
             path=str(path),
@@ -177,27 +204,73 @@ class Daemon:
         )
         return True
 
-    def _known_schedules(self) -> dict[str, str]:
-        # A one-shot that already fired stays in jobs.json; its past `at` is not an error.
-        return {job_id: js.schedule_key for job_id, js in self.db.all_jobs().items()}
+    def _validation_memo(self) -> ValidationMemo:
+        """The results of the last good file: in memory once loaded, else from state.db."""
+        defaults = job_defaults(self.config)
+        if self._memo is None or self._memo.defaults != defaults:
+            stored: str | None = None
+            try:
+                stored = self.db.get_meta(META_JOBS_MEMO)
+            except ChronosError as exc:
+                log.warning("jobs.memo_unreadable", error=str(exc))
+            self._memo = ValidationMemo.loads(stored, defaults)
+            self._memo_saved = self._memo.digest
+        return self._memo
+
+    def _save_memo(self) -> None:
+        memo = self._memo
+        if memo is None or memo.digest is None or memo.digest == self._memo_saved:
+            return
+        if self._set_meta(META_JOBS_MEMO, memo.dumps()):
+            self._memo_saved = memo.digest
+
+    async def _keep_memo(self) -> None:
+        """Write the memo of each newly loaded file, a little after the load (MEMO_SAVE_DELAY)."""
+        while True:
+            await self._memo_changed.wait()
+            self._memo_changed = anyio.Event()
+            await anyio.sleep(MEMO_SAVE_DELAY)
+            self._save_memo()
+
+    def _save_last_good(self, text: str) -> None:
+        """Keep the text of the file just applied; an unchanged one is not written again."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if self._last_good_digest is None:
+            stored: str | None = None
+            try:
+                stored = self.db.get_meta(META_LAST_GOOD)
+            except ChronosError as exc:
+                log.warning("jobs.last_good_unreadable", error=str(exc))
+            self._last_good_digest = (
+                ""
+                if stored is None
+                else hashlib.sha256(stored.encode(errors="surrogatepass")).hexdigest()
+            )
+        if digest != self._last_good_digest and self._set_meta(META_LAST_GOOD, text):
+            self._last_good_digest = digest
 
     def _restore_last_good(self) -> None:
         text = self.db.get_meta(META_LAST_GOOD)
         if not text:
-            self.engine.apply_jobs([])
+            self.engine.apply_jobs([], reconcile_all=True)
             return
         validated = validate_document(
-            json.loads(text), defaults=job_defaults(self.config), now=utc_now()
+            json.loads(text),
+            defaults=job_defaults(self.config),
+            now=utc_now(),
+            memo=self._validation_memo(),
         )
         jobs: list[Job] = list(validated.jobs)
-        self.engine.apply_jobs(jobs)
+        self.engine.apply_jobs(jobs, reconcile_all=True)
         log.warning("jobs.kept_last_good", jobs=len(jobs))
 
-    def _set_meta(self, key: str, value: str | None) -> None:
+    def _set_meta(self, key: str, value: str | None) -> bool:
         try:
             self.db.set_meta(key, value)
         except ChronosError as exc:
             log.error("state.write_failed", key=key, error=str(exc))
+            return False
+        return True
 
     async def _on_jobs_changed(self) -> None:
         if _digest_of(self.config.jobs) == self.jobs_digest:
@@ -214,13 +287,15 @@ class Daemon:
         assert isinstance(fire_at, datetime)
         if self._stopping:
             return FireResult("unavailable", 503, job_id, error="chronosd is shutting down")
-        return self.engine.handle_fire(job_id, fire_at)
+        return await self.engine.fire(job_id, fire_at)
 
     async def _on_local_due(self, job_id: str, fire_at: datetime) -> None:
         if self._stopping:
             log.info("fire.deferred", job_id=job_id, fire_at=to_wire(fire_at), reason="stopping")
             return
-        result = self.engine.handle_fire(job_id, fire_at)
+        # Called a little ahead of the instant (providers/local.py LEAD): the claim is made
+        # durable now and the run starts at the instant.
+        result = await self.engine.fire(job_id, fire_at, at_instant=True)
         if result.start is not None:
             result.start()
 
@@ -239,9 +314,16 @@ class Daemon:
     # ---------------------------------------------------------------- life cycle
     async def run(self) -> int:
         listeners = await self._listeners()
+        raw = [lst.extra(anyio.abc.SocketAttribute.raw_socket, None) for lst in listeners]
+        self._listener_fds = [sock.fileno() for sock in raw if sock is not None]
         authenticator = self._authenticator(listeners)
         routes = DaemonRoutes(authenticator=authenticator, fire=self.fire, health=self.health)
-        self.server = HTTPServer(partial(self._answer, routes), on_connections=self._on_connections)
+        limits = DEFAULT_LIMITS
+        if self.socket_activated:
+            limits = dataclasses.replace(limits, keepalive_timeout=SOCKET_ACTIVATED_KEEPALIVE)
+        self.server = HTTPServer(
+            partial(self._answer, routes), on_connections=self._on_connections, limits=limits
+        )
         self._set_meta(
             META_DAEMON,
             json.dumps({"owner": self.owner, "pid": os.getpid(), "started": to_wire(utc_now())}),
@@ -252,15 +334,17 @@ class Daemon:
                 startup.__enter__()
                 self.engine.bind(tg)
                 # Jobs first: recover() decides retries by each job's `retries`.
-                self.load_jobs(startup=True)
-                self.engine.recover()
-                self.engine.catch_up()
-                self.engine.start_pending_retries()
+                with _gc_paused():
+                    self.load_jobs(startup=True)
+                    self.engine.recover()
+                    self.engine.catch_up()
+                    self.engine.start_pending_retries()
                 await tg.start(self._serve, listeners)
                 await tg.start(self.reconciler.run, self._on_local_due, self._settled)
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
+                tg.start_soon(self._keep_memo)
                 tg.start_soon(self._signals, tg.cancel_scope)
                 startup.__exit__(None, None, None)
                 systemd.notify_ready(self.status_line())
@@ -277,6 +361,7 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             await self.provider.aclose()
+            self._save_memo()
             self._set_meta(META_DAEMON, None)
             self.db.close()
         log.info("daemon.stopped", pid=os.getpid())
@@ -327,11 +412,27 @@ class Daemon:
 
     async def _settled(self) -> None:
         """Return once the request that woke us (if any) has been answered (see WATCH_DELAY)."""
+        if not (self._first_reply.is_set() or self._conn_held or self._connection_waiting()):
+            # Nothing came through the socket (a path unit, a plain start): no reply to wait
+            # for, and waiting would only delay the start-up reconcile.
+            return
         with anyio.move_on_after(WATCH_DELAY):
             await self._first_reply.wait()
         if self._conn_held:
             # A request still on its way in (a slow client, a loaded machine) is answered first.
             await self._first_reply.wait()
+
+    def _connection_waiting(self) -> bool:
+        """Whether a listener has a connection not yet accepted (the one that woke us)."""
+        if not self._listener_fds:
+            return self.socket_activated  # cannot tell: wait as for a request
+        poller = select.poll()
+        for fd in self._listener_fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True  # cannot tell: wait as for a request
 
     async def _watch(self) -> None:
         await self._settled()
@@ -403,6 +504,61 @@ class Daemon:
         self.engine.config = config
         log.info("config.reloaded", source=str(config.source) if config.source else None)
         self.load_jobs()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cycle collector off during a burst of allocation.
+
+    Loading 10,000 jobs makes a few hundred thousand objects, none of them in cycles, and the
+    collector would walk the growing heap again and again while they are made (40 % of a
+    load's time); reference counting still frees everything meanwhile.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _KnownSchedules(Mapping[str, str]):
+    """{job id: schedule_key} of state.db, read per id when asked.
+
+    Validation asks only about `at` jobs (a one-shot that already fired stays in jobs.json and
+    its past `at` is not an error), and records it remembers are not asked about at all, so
+    reading the state of every job up front would mostly be wasted. Past a few questions the
+    whole table is read once.
+    """
+
+    _SINGLE_READS = 64
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        self._asked = 0
+        self._all: dict[str, JobState] | None = None
+
+    def __getitem__(self, job_id: str) -> str:
+        if self._all is None and self._asked < self._SINGLE_READS:
+            self._asked += 1
+            js = self._db.get_job(job_id)
+        else:
+            js = self._states().get(job_id)
+        if js is None:
+            raise KeyError(job_id)
+        return js.schedule_key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states())
+
+    def __len__(self) -> int:
+        return len(self._states())
+
+    def _states(self) -> dict[str, JobState]:
+        if self._all is None:
+            self._all = self._db.all_jobs()
+        return self._all
 
 
 def _digest_of(path: Path) -> str | None:

@@ -26,9 +26,13 @@ from anyio.abc import TaskStatus
 if TYPE_CHECKING:
     from watchfiles._rust_notify import RustNotify
 
-# How often the watching thread looks at the stop flag; bounds how long a
-# cancellation or stop_event takes to end the watch.
-_STEP_MS = 50
+# How often the watching thread looks for changes and at the stop flag. It
+# reports a change only after one further step without a new one, so a change
+# is seen 1-2 steps after it happens; the step also bounds how long a
+# cancellation or stop_event takes to end the watch. Waiting for a first
+# change polls a little less often (idle CPU) than waiting for one to settle.
+_STEP_MS = 20
+_SETTLE_STEP_MS = 10
 # Upper bound on one batch while changes keep coming; our own quiet-period
 # logic does the debouncing proper.
 _MAX_BATCH_MS = 1_000
@@ -96,10 +100,12 @@ async def _watch_loop(
     stop_flag: threading.Event,
     debounce_ms: int,
 ) -> None:
-    step_ms = max(1, min(_STEP_MS, debounce_ms))
+    idle_step_ms = max(1, min(_STEP_MS, debounce_ms))
+    settle_step_ms = max(1, min(_SETTLE_STEP_MS, debounce_ms))
     settle_at: float | None = None  # anyio clock instant at which to call back
     while True:
         timeout_ms = 0  # 0 = wait for changes indefinitely
+        step_ms = idle_step_ms if settle_at is None else settle_step_ms
         if settle_at is not None:
             remaining = settle_at - anyio.current_time()
             if remaining <= 0:

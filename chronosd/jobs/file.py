@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from chronosd.errors import JobsFileError
 from chronosd.jobs.model import Job, Problem
-from chronosd.jobs.validate import JobDefaults, validate_document
+from chronosd.jobs.validate import JobDefaults, ValidationMemo, validate_document
 
 # Far above any real file (50,000 jobs are ~10 MB) yet bounded, so a wrong path
 # (a disk image, /dev/zero) cannot exhaust memory.
@@ -78,6 +78,9 @@ class JobsFile:
     problems: tuple[Problem, ...]  # warnings, plus the errors of skipped jobs
     digest: str  # sha256 of the raw bytes
     mtime_ns: int
+    text: str = field(default="", repr=False)  # the decoded text that was validated
+    # This file's validation results, when read_jobs_file was given a memo (digest set).
+    memo: ValidationMemo | None = field(default=None, compare=False, repr=False)
 
 
 def read_jobs_file(
@@ -88,6 +91,7 @@ def read_jobs_file(
     check_owner: bool = True,
     on_invalid_job: Literal["reject", "skip"] = "reject",
     known_schedules: Mapping[str, str] = MappingProxyType({}),
+    memo: ValidationMemo | None = None,
 ) -> JobsFile:
     """Read, check and validate jobs.json.
 
@@ -97,11 +101,16 @@ def read_jobs_file(
     unique keeps its good jobs; the bad ones appear in ``problems`` as errors.
     ``known_schedules`` ({job id: schedule_key} from state.db) exempts one-shots
     chronosd has already planned from the "at is in the past" error.
+    ``memo`` (see ValidationMemo) spares re-checking records validated before;
+    the result's ``memo`` then holds this file's records.
     """
     file_path = Path(path)
     raw, info = _read(file_path, check_safety=check_owner)
-    doc, duplicate_keys = _parse(file_path, raw)
-    validated = validate_document(doc, defaults=defaults, now=now, known_schedules=known_schedules)
+    text = _decode(file_path, raw)
+    doc, duplicate_keys = _parse_text(file_path, text)
+    validated = validate_document(
+        doc, defaults=defaults, now=now, known_schedules=known_schedules, memo=memo
+    )
     problems = validated.problems + tuple(
         Problem(
             "",
@@ -122,12 +131,17 @@ def read_jobs_file(
                 "run chronosd validate to see all"
             )
         raise InvalidJobsFile(message, problems)
+    digest = hashlib.sha256(raw).hexdigest()
+    if validated.memo is not None:
+        validated.memo.digest = digest
     return JobsFile(
         path=file_path,
         jobs=validated.jobs,
         problems=problems,
-        digest=hashlib.sha256(raw).hexdigest(),
+        digest=digest,
         mtime_ns=info.st_mtime_ns,
+        text=text,
+        memo=validated.memo,
     )
 
 
@@ -246,15 +260,24 @@ def _read(path: Path, *, check_safety: bool) -> tuple[bytes, os.stat_result]:
 
 def _parse(path: Path, raw: bytes) -> tuple[object, list[str]]:
     """Decode and parse; return the document and the keys that repeat within an object."""
+    return _parse_text(path, _decode(path, raw))
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The text of the file: UTF-8, a leading BOM dropped."""
     body = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         offset = exc.start + (len(raw) - len(body))
         line = raw.count(b"\n", 0, offset) + 1
         column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
         where = f"byte 0x{raw[offset]:02x} at line {line}, column {column}"
         raise _invalid(path, f"is not valid UTF-8 ({where}); save the file as UTF-8") from exc
+
+
+def _parse_text(path: Path, text: str) -> tuple[object, list[str]]:
+    """Parse decoded text; return the document and the keys that repeat within an object."""
     if not text.strip():
         raise _invalid(path, 'is empty; write {"jobs": []} for a file without jobs')
     duplicates: list[str] = []

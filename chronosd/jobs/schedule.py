@@ -19,6 +19,8 @@ At a transition the rule of DESIGN.md 4 decides:
 
 from __future__ import annotations
 
+import functools
+from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -54,6 +56,11 @@ _UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # and bisecting on a change. This assumes no zone changes its offset and
 # changes it back within one day, which holds for every zone in tzdata.
 _PROBE = 86400
+
+# Transitions are found once per zone and stretch of this many seconds (~388
+# days) and kept, so a schedule asks the zone a few hundred times per year of
+# its calendar in a process, not per call.
+_CHUNK = 1 << 25
 
 # cronsim gives up after 50 years without a wall-clock match; the calendar
 # repeats any (date, weekday) pair within 40 years, so a schedule that finds
@@ -336,20 +343,24 @@ def _cron_schedule(
             raise ScheduleError(f'schedule "{written}": {_FIELDS[index][0]} field: {problem}')
     cron = " ".join(_collapse_single_ranges(field) for field in fields)
     reference = _REFERENCE if first_seen is None else first_seen
+    start = _epoch_floor(reference, "first_seen")
     try:
-        CronSim(cron, datetime(2000, 1, 1))
+        # One CronSim both checks the expression and finds its first wall-clock match.
+        found = next(CronSim(cron, _NAIVE_EPOCH + timedelta(seconds=start + _offset(zone, start))))
     except CronSimError as exc:
         # What survives the field checks above is cronsim's own "no month has
         # that day" test (e.g. 0 0 31 2 *).
         if str(exc) == "Bad day-of-month":
             raise ScheduleError(_never_message(written)) from exc
         raise ScheduleError(f'schedule "{written}": {str(exc).lower()}') from exc
-    start = _epoch_floor(reference, "first_seen")
-    if _next_wall(cron, start + _offset(zone, start)) is None:
+    except (StopIteration, OverflowError):
+        found = None
+    if found is None:
         raise ScheduleError(_never_message(written))
     fixed = "*" not in fields[1] and "*" not in fields[2]
     schedule = Schedule(kind="cron", text=cron, timezone=timezone, cron=cron, fixed_time=fixed)
-    if schedule.next_after(reference, anchor=reference) is None:
+    # Without offset changes every wall-clock match is a real instant, found just above.
+    if not _fixed_offset(zone) and schedule.next_after(reference, anchor=reference) is None:
         raise ScheduleError(
             f'schedule "{written}" never fires in {timezone}: every wall time it names falls '
             "in an hour skipped by daylight saving; pick another time or time zone"
@@ -464,19 +475,51 @@ def _offset(zone: ZoneInfo, seconds: int) -> int:
 
 def _first_change(zone: ZoneInfo, start: int, end: int, offset: int) -> int | None:
     """First second in (start, end] whose offset differs from ``offset`` (the offset at start)."""
-    low = start
-    while low < end:
-        high = min(low + _PROBE, end)
-        if _offset(zone, high) != offset:
-            while high - low > 1:
-                middle = (low + high) // 2
-                if _offset(zone, middle) == offset:
-                    low = middle
-                else:
-                    high = middle
-            return high
-        low = high
+    if start >= end or _fixed_offset(zone):
+        return None
+    for chunk in range((start + 1) // _CHUNK, end // _CHUNK + 1):
+        changes = _changes_in_chunk(zone, chunk)
+        index = bisect_right(changes, start)
+        if index < len(changes):
+            # The offset holds from start up to the next change, so that change is the first
+            # second whose offset differs from the one at start.
+            change = changes[index]
+            return change if change <= end else None
     return None
+
+
+@functools.cache
+def _fixed_offset(zone: ZoneInfo) -> bool:
+    """Whether the zone never changes its offset (UTC, Etc/GMT+5, ...).
+
+    tzinfo.utcoffset(None) is what ``datetime.time`` asks of its zone; ZoneInfo
+    answers it only for a zone without transitions.
+    """
+    return zone.utcoffset(None) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _changes_in_chunk(zone: ZoneInfo, chunk: int) -> tuple[int, ...]:
+    """The seconds in [chunk * _CHUNK, (chunk + 1) * _CHUNK) whose offset differs from the
+    second before."""
+    low = chunk * _CHUNK - 1
+    stop = low + _CHUNK
+    low_offset = _offset(zone, low)
+    changes: list[int] = []
+    while low < stop:
+        high = min(low + _PROBE, stop)
+        high_offset = _offset(zone, high)
+        if high_offset != low_offset:
+            before, after = low, high
+            while after - before > 1:
+                middle = (before + after) // 2
+                if _offset(zone, middle) == low_offset:
+                    before = middle
+                else:
+                    after = middle
+            changes.append(after)
+        low, low_offset = high, high_offset
+    return tuple(changes)
 
 
 def _next_wall(cron: str, floor_wall: int) -> int | None:

@@ -17,13 +17,14 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from chronosd.durations import format_duration, parse_duration
 from chronosd.errors import DurationError, ScheduleError
@@ -88,6 +89,8 @@ class Validated:
     jobs: tuple[Job, ...]
     problems: tuple[Problem, ...]
     fatal: tuple[Problem, ...] = ()
+    # The results of this document's records, when validate_document was given a memo.
+    memo: ValidationMemo | None = field(default=None, compare=False, repr=False)
 
     @property
     def errors(self) -> tuple[Problem, ...]:
@@ -109,6 +112,7 @@ def validate_document(
     defaults: JobDefaults,
     now: datetime,
     known_schedules: Mapping[str, str] = _NOTHING_KNOWN,
+    memo: ValidationMemo | None = None,
 ) -> Validated:
     """Validate a parsed jobs.json document; collect every problem.
 
@@ -116,6 +120,9 @@ def validate_document(
     planned (state.db). An ``at`` time in the past is an error only for a job
     whose schedule is new: a one-shot chronosd has already seen and then fired,
     or missed while down, stays in the file, and the catch-up rule decides it.
+
+    With a ``memo`` (see ValidationMemo) a record found in it is not checked
+    again, and the result carries a new memo holding this document's records.
     """
     if isinstance(doc, list):
         fatal = Problem(
@@ -154,10 +161,21 @@ def validate_document(
     counts = Counter(record_id for record_id in ids if record_id is not None)
     jobs: list[Job] = []
     first_index: dict[str, int] = {}
+    remembered = memo if memo is not None and memo.defaults == defaults else None
+    renewed = ValidationMemo(defaults) if memo is not None else None
     for index, (record, record_id) in enumerate(zip(records, ids, strict=True)):
-        job, job_problems = validate_job(
-            record, index, defaults=defaults, now=now, known_schedules=known_schedules
-        )
+        key = None if renewed is None or record_id is None else _memo_key(record)
+        entry = None if key is None or remembered is None else remembered.lookup(key, record)
+        if entry is None:
+            job, job_problems, timeless = _validate_record(
+                record, index, defaults=defaults, now=now, known_schedules=known_schedules
+            )
+            if key is not None and renewed is not None and timeless:
+                renewed.remember(key, job, job_problems)
+        else:
+            assert key is not None and renewed is not None and remembered is not None
+            renewed.adopt(key, remembered)
+            job, job_problems = entry[0], list(entry[1])
         if record_id is not None and counts[record_id] > 1:
             # The id alone does not say which of the twins a finding is about.
             where = f"{record_id} (jobs[{index}])"
@@ -179,7 +197,7 @@ def validate_document(
         first_index[record_id] = index
         if job is not None:
             jobs.append(job)
-    return Validated(tuple(jobs), tuple(problems), tuple(fatal_problems))
+    return Validated(tuple(jobs), tuple(problems), tuple(fatal_problems), renewed)
 
 
 def validate_job(
@@ -194,17 +212,36 @@ def validate_job(
 
     ``known_schedules`` as for validate_document.
     """
+    job, problems, _ = _validate_record(
+        record, index, defaults=defaults, now=now, known_schedules=known_schedules
+    )
+    return job, problems
+
+
+def _validate_record(
+    record: object,
+    index: int,
+    *,
+    defaults: JobDefaults,
+    now: datetime,
+    known_schedules: Mapping[str, str],
+) -> tuple[Job | None, list[Problem], bool]:
+    """validate_job, and whether its result depends on nothing but the record and defaults."""
     if not isinstance(record, dict):
-        return None, [
-            Problem(
-                f"jobs[{index}]",
-                "",
-                f'is {_json_type(record)}; each job must be an object such as {{"id": ...}}',
-            )
-        ]
+        return (
+            None,
+            [
+                Problem(
+                    f"jobs[{index}]",
+                    "",
+                    f'is {_json_type(record)}; each job must be an object such as {{"id": ...}}',
+                )
+            ],
+            False,
+        )
     check = _Checker(record, index)
     job = check.run(defaults, now, known_schedules)
-    return job, check.problems
+    return job, check.problems, not check.consulted_time
 
 
 def spec_hash(job: Job) -> str:
@@ -322,7 +359,282 @@ def _spec_values(
     }
 
 
-@functools.lru_cache(maxsize=1024)
+# -- the validation memo ---------------------------------------------------------------------
+
+MEMO_FORMAT = 1
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
+_SCHEDULE_FIELDS = tuple(f.name for f in fields(Schedule))
+_MemoEntry = tuple[Job | None, tuple[Problem, ...]]
+# Bad stored data surfaces as one of these while an entry is rebuilt; the record is then
+# validated as if it had not been stored.
+_DECODE_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, ScheduleError)
+
+
+class ValidationMemo:
+    """Results of earlier validations by record, so that an unchanged record is not checked again.
+
+    A record's result (its Job, or None, and its problems) is a function of the
+    record and the defaults, except where a check consults the time or
+    state.db (an ``at`` schedule, a jitter measured against a cron period):
+    such records are checked every time and never remembered. A record with no
+    valid id is never remembered either (its problems name its position).
+
+    The key is ``repr`` of the parsed record, which tells ``true`` from ``1``
+    and ``1`` from ``1.0`` where dict equality does not. ``dumps``/``loads``
+    give the daemon a form to keep in state.db: it is checksummed and stamped
+    with the code that made it, and anything that does not match (another
+    chronosd, other defaults, a damaged text) loads as an empty memo, so the
+    cost of a bad memo is a full validation, never a different result.
+    """
+
+    def __init__(self, defaults: JobDefaults) -> None:
+        self.defaults = defaults
+        self.digest: str | None = None  # sha256 of the jobs.json these results came from
+        self._entries: dict[str, _MemoEntry] = {}
+        # Stored forms (from loads()), rebuilt into entries on first use. adopt() does not
+        # carry them along: a daemon keeps the memo, and 10,000 of them are ~10 MB.
+        self._stored: dict[str, Any] = {}
+        self._zones: set[str] = set()  # zone names found valid while rebuilding entries
+
+    def __len__(self) -> int:
+        return len(self._entries.keys() | self._stored.keys())
+
+    def lookup(self, key: str, record: dict[str, Any]) -> _MemoEntry | None:
+        """The remembered result for the record with this key (``record`` becomes Job.record)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        # Taken out as it is rebuilt, so the stored forms are freed as the load goes on.
+        stored = self._stored.pop(key, None)
+        if stored is None:
+            return None
+        try:
+            entry = _decode_entry(stored, record, self._zones)
+        except _DECODE_ERRORS:
+            return None
+        self._entries[key] = entry
+        return entry
+
+    def remember(self, key: str, job: Job | None, problems: list[Problem]) -> None:
+        """Keep a fresh result (one that consulted no time; see _Checker.consulted_time)."""
+        if job is not None and job.schedule.at is not None:
+            return
+        self._entries[key] = (job, tuple(problems))
+        self._stored.pop(key, None)
+
+    def adopt(self, key: str, source: ValidationMemo) -> None:
+        """Take over the entry ``source.lookup`` just returned for ``key``."""
+        self._entries[key] = source._entries[key]
+        self._zones = source._zones
+
+    def dumps(self) -> str:
+        """This memo as text for loads(): a sha256 line, then JSON."""
+        encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        # Entry by entry, so that no second copy of the whole memo exists as Python lists.
+        parts = [f"{encode(key)}:{encode(stored)}" for key, stored in self._stored.items()]
+        parts.extend(
+            f"{encode(key)}:{encode(_encode_entry(job, problems))}"
+            for key, (job, problems) in self._entries.items()
+            if key not in self._stored
+        )
+        head = {"stamp": _memo_stamp(self.defaults), "digest": self.digest}
+        body = f'{encode(head)[:-1]},"entries":{{{",".join(parts)}}}}}'
+        return f"{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
+
+    @classmethod
+    def loads(cls, text: str | None, defaults: JobDefaults) -> ValidationMemo:
+        """A memo from dumps() text; an empty one when the text is missing, damaged or stale."""
+        memo = cls(defaults)
+        if not text:
+            return memo
+        checksum, newline, body = text.partition("\n")
+        try:
+            if not newline or hashlib.sha256(body.encode()).hexdigest() != checksum:
+                return memo
+            data = json.loads(body)
+            if data["stamp"] != _memo_stamp(defaults):
+                return memo
+            digest, entries = data["digest"], data["entries"]
+        except (ValueError, TypeError, KeyError, UnicodeError, RecursionError):
+            return memo
+        if isinstance(entries, dict) and (digest is None or isinstance(digest, str)):
+            memo._stored = entries
+            memo.digest = digest
+        return memo
+
+
+def _memo_key(record: object) -> str | None:
+    try:
+        return repr(record)
+    except (ValueError, RecursionError):  # an int past the digit limit, deep nesting
+        return None
+
+
+def _memo_stamp(defaults: JobDefaults) -> list[Any]:
+    """What a stored result depends on besides the record: format, defaults, the checking code."""
+    from chronosd import durations
+    from chronosd.jobs import model, schedule
+
+    code: list[Any] = []
+    for module_file in (
+        __file__,
+        schedule.__file__,
+        hermes.__file__,
+        model.__file__,
+        durations.__file__,
+    ):
+        try:
+            info = os.stat(module_file)
+        except (OSError, TypeError):
+            code.append(None)
+        else:
+            code.append([info.st_size, info.st_mtime_ns])
+    return [
+        MEMO_FORMAT,
+        list(_JOB_FIELDS),
+        list(_SCHEDULE_FIELDS),
+        defaults.timezone,
+        defaults.timeout,
+        code,
+    ]
+
+
+def _encode_entry(job: Job | None, problems: tuple[Problem, ...]) -> list[Any]:
+    found = [[p.where, p.field, p.message, p.severity] for p in problems]
+    if job is None:
+        return [None, found]
+    schedule = job.schedule
+    command = list(job.command) if isinstance(job.command, tuple) else job.command
+    return [
+        [
+            job.id,
+            job.schedule_text,
+            [
+                schedule.kind,
+                schedule.text,
+                schedule.timezone,
+                schedule.cron,
+                schedule.fixed_time,
+                schedule.interval,
+            ],
+            job.timezone,
+            command,
+            job.name,
+            job.enabled,
+            job.paused,
+            job.timeout,
+            job.overlap,
+            job.catch_up,
+            job.misfire_grace,
+            job.jitter,
+            job.repeat,
+            job.retries,
+            dict(job.env),
+            job.cwd,
+            job.spec_hash,
+        ],
+        found,
+    ]
+
+
+def _decode_entry(stored: Any, record: dict[str, Any], valid_zones: set[str]) -> _MemoEntry:
+    values, found = stored
+    problems = tuple(_decode_problem(*item) for item in found) if found else ()
+    if values is None:
+        return None, problems
+    (
+        job_id,
+        schedule_text,
+        schedule_values,
+        timezone,
+        command,
+        name,
+        enabled,
+        paused,
+        timeout,
+        overlap,
+        catch_up,
+        misfire_grace,
+        jitter,
+        repeat,
+        retries,
+        env,
+        cwd,
+        job_spec_hash,
+    ) = values
+    kind, text, schedule_zone, cron, fixed_time, interval = schedule_values
+    if kind not in ("cron", "every", "in") or overlap not in OVERLAPS:
+        raise ValueError("not a stored job")
+    if record.get("id") != job_id or not isinstance(env, dict):
+        raise ValueError("not this record's job")
+    # The zone database may have changed since: an unknown zone must be reported, not kept.
+    for zone in (timezone, schedule_zone):
+        if zone not in valid_zones:
+            validate_timezone(zone)
+            valid_zones.add(zone)
+    schedule = _restore(
+        Schedule,
+        {
+            "kind": kind,
+            "text": text,
+            "timezone": schedule_zone,
+            "cron": cron,
+            "fixed_time": fixed_time,
+            "interval": interval,
+            "at": None,
+        },
+    )
+    job = _restore(
+        Job,
+        {
+            "id": job_id,
+            "schedule_text": schedule_text,
+            "schedule": schedule,
+            "timezone": timezone,
+            "command": tuple(command) if isinstance(command, list) else command,
+            "name": name,
+            "enabled": enabled,
+            "paused": paused,
+            "timeout": timeout,
+            "overlap": overlap,
+            "catch_up": catch_up,
+            "misfire_grace": misfire_grace,
+            "jitter": jitter,
+            "repeat": repeat,
+            "retries": retries,
+            "env": env,
+            "cwd": cwd,
+            "spec_hash": job_spec_hash,
+            "record": record,
+        },
+    )
+    return job, problems
+
+
+_T = TypeVar("_T")
+
+
+def _restore(cls: type[_T], values: dict[str, Any]) -> _T:
+    """An instance of a frozen dataclass (no __post_init__, no slots) from every field's value.
+
+    For values a validation produced before: the generated __init__ sets each field through
+    object.__setattr__, which is half the cost of rebuilding 10,000 jobs from the memo. The
+    result is indistinguishable from a constructed one (tests check the field set).
+    """
+    instance = object.__new__(cls)
+    object.__setattr__(instance, "__dict__", values)
+    return instance
+
+
+def _decode_problem(
+    where: str, field_name: str, message: str, severity: Literal["error", "warning"]
+) -> Problem:
+    if severity not in ("error", "warning"):
+        raise ValueError("not a stored problem")
+    return Problem(where, field_name, message, severity)
+
+
+@functools.lru_cache(maxsize=16384)
 def _parse_schedule(text: str, timezone: str) -> Schedule:
     # Big files repeat a few schedules many times; Schedule is a frozen value
     # and parsing without first_seen is pure, so sharing results is safe.
@@ -379,6 +691,8 @@ class _Checker:
         self.id = raw_id if isinstance(raw_id, str) and ID_PATTERN.fullmatch(raw_id) else None
         self.where = self.id if self.id is not None else f"jobs[{index}]"
         self.fields: dict[str, Any] = record
+        # Set when a finding may depend on `now` or on state.db, so the result is not memoised.
+        self.consulted_time = False
 
     def error(self, field_name: str, message: str) -> None:
         self.failed = True
@@ -421,6 +735,9 @@ class _Checker:
         cwd = self.check_cwd()
 
         if schedule is not None:
+            # check_past_at reads `now` and state.db for an `at` schedule; check_jitter
+            # measures a cron schedule's period from `now`, which varies (0 0 1,2 * *).
+            self.consulted_time = schedule.kind == "at" or (jitter > 0 and schedule.kind == "cron")
             known = self.id is not None and known_schedules.get(self.id) == _schedule_key(
                 schedule.text, timezone or "UTC", schedule.kind
             )
