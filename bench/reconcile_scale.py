@@ -44,7 +44,7 @@ from bench.common import (
     wait_until,
 )
 
-CONCURRENCY = 16  # chronosd.reconcile.Reconciler's default
+CONCURRENCY = 8  # as many in flight as chronosd.reconcile.CONCURRENCY
 
 
 def _hours() -> list[int]:

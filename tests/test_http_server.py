@@ -97,6 +97,25 @@ class RawClient:
             del self.buffer[:length]
             return Reply(status, headers, body)
 
+    async def raw_response(self, *, head_request: bool = False) -> bytes:
+        """The next response exactly as written (one with a Content-Length, or bodyless)."""
+        with anyio.fail_after(WAIT):
+            while b"\r\n\r\n" not in self.buffer:
+                if not await self._fill():
+                    raise AssertionError(f"connection closed mid-response: {bytes(self.buffer)!r}")
+            end = self.buffer.index(b"\r\n\r\n") + 4
+            head = bytes(self.buffer[:end]).lower()
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.startswith(b"content-length:") and not head_request:
+                    length = int(line.partition(b":")[2])
+            while len(self.buffer) < end + length:
+                if not await self._fill():
+                    raise AssertionError("connection closed mid-body")
+            raw = bytes(self.buffer[: end + length])
+            del self.buffer[: end + length]
+            return raw
+
     async def closed(self) -> bool:
         """True once the server has closed the connection (waits for it, bounded)."""
         if self.buffer:
@@ -316,6 +335,159 @@ async def test_handler_framing_headers_are_replaced_and_server_header_added() ->
         assert reply.headers["server"] == "chronosd"
         await client.send(get())
         assert (await client.response()).body == b"abc"
+
+
+# Requests the server parses itself, and the same requests in a form only h11 reads (a chunked
+# body of no bytes), must be answered with the same bytes.
+SAME_ANSWERS = {
+    "json": Response.json(202, {"status": "accepted"}),
+    "custom headers": Response(200, b"abc", (("Content-Length", "9"), ("X-Custom", "yes"))),
+    "host header first": Response(200, b"x", (("X-A", "1"), ("Host", "h"), ("X-B", "2"))),
+    "no content": Response(204, b"ignored", (("x-a", "b"),)),
+    "not modified": Response(304),
+    "unknown status": Response(599, b"?"),
+    "informational status": Response(150, b"?"),
+    "invalid header": Response(200, b"x", (("x-bad", "line\r\nbreak"),)),
+    "handler closes": Response(200, b"bye", (("Connection", "close"),)),
+}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("answer", SAME_ANSWERS.values(), ids=SAME_ANSWERS.keys())
+async def test_fast_path_and_h11_answer_with_the_same_bytes(method: str, answer: Response) -> None:
+    async def handler(request: Request) -> Response:
+        return answer
+
+    plain = f"{method} /x HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    chunked = b"%s /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (
+        method.encode()
+    )
+    closes = answer.headers == (("Connection", "close"),)
+    answers = []
+    async with serving(handler) as (_, port):
+        for request in (plain, chunked):
+            async with await RawClient.connect(port) as client:
+                await client.send(request)
+                answers.append(await client.raw_response(head_request=method == "HEAD"))
+                if closes:
+                    assert await client.closed()
+                    continue
+                # Still serving, and no stray body is read as the next response's head.
+                await client.send(request)
+                assert await client.raw_response(head_request=method == "HEAD") == answers[-1]
+    fast, full = answers
+    assert fast == full
+
+
+async def test_head_arriving_byte_by_byte_is_read_whole() -> None:
+    recorder = Recorder()
+    data = post("/slowly?x=1", b"body!", "X-Thing: a  b")
+    async with serving(recorder) as (_, port), await RawClient.connect(port) as client:
+        raw = client.stream.extra(SocketAttribute.raw_socket)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for offset in range(len(data)):
+            await client.send(data[offset : offset + 1])
+            await anyio.sleep(0.001)
+        assert (await client.response()).json() == {
+            "method": "POST",
+            "path": "/slowly",
+            "query": "x=1",
+            "body": "body!",
+        }
+    assert recorder.requests[0].header("x-thing") == "a  b"
+
+
+async def test_many_pipelined_requests_sent_while_answers_are_read_all_arrive_in_order() -> None:
+    # More than the server reads ahead, so it stops reading and resumes as it catches up.
+    count = 6000
+    data = b"".join(get(f"/{n}", "X-Pad: " + "p" * 40) for n in range(count))
+    assert len(data) > 262144
+    paths: list[str] = []
+    async with serving() as (_, port), await RawClient.connect(port) as client:
+
+        async def read_all() -> None:
+            for _ in range(count):
+                paths.append((await client.response()).json()["path"])
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(read_all)
+                await client.send(data)
+    assert paths == [f"/{n}" for n in range(count)]
+
+
+async def test_requests_h11_reads_and_fast_ones_interleave_on_one_connection() -> None:
+    recorder = Recorder()
+    bare_lf = b"GET /bare-lf HTTP/1.1\nHost: t\n\n"
+    chunked = (
+        b"POST /chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\n\r\n"
+    )
+    async with serving(recorder) as (_, port), await RawClient.connect(port) as client:
+        await client.send(get("/1") + bare_lf + post("/2", b"two") + chunked + get("/3"))
+        replies = [(await client.response()).json() for _ in range(5)]
+    assert [(r["path"], r["body"]) for r in replies] == [
+        ("/1", ""),
+        ("/bare-lf", ""),
+        ("/2", "two"),
+        ("/chunked", "hi"),
+        ("/3", ""),
+    ]
+
+
+async def test_keep_alive_header_keeps_the_connection_and_close_in_a_list_closes_it() -> None:
+    async with serving() as (_, port), await RawClient.connect(port) as client:
+        await client.send(get("/a", "Connection: keep-alive"))
+        assert "connection" not in (await client.response()).headers
+        await client.send(get("/b", "Connection: keep-alive, Close"))
+        assert (await client.response()).headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_client_that_half_closes_after_its_requests_still_gets_the_answers() -> None:
+    async with serving() as (server, port), await RawClient.connect(port) as client:
+        await client.send(get("/1") + get("/2"))
+        await client.stream.send_eof()
+        assert (await client.response()).json()["path"] == "/1"
+        assert (await client.response()).json()["path"] == "/2"
+        assert await client.closed()
+        await eventually(lambda: server.open_connections == 0)
+
+
+async def test_body_arriving_after_the_head_is_waited_for() -> None:
+    async with serving() as (_, port), await RawClient.connect(port) as client:
+        await client.send(b"POST /late HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhalf")
+        await anyio.sleep(0.05)
+        await client.send(b"-whole")
+        assert (await client.response()).json()["body"] == "half-whole"
+
+
+async def test_client_closing_mid_body_gets_400_and_the_server_goes_on() -> None:
+    async with serving() as (_, port):
+        async with await RawClient.connect(port) as client:
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhalf")
+            await client.stream.send_eof()
+            assert (await client.response()).status == 400
+            assert await client.closed()
+        await assert_still_serving(port)
+
+
+async def test_at_the_limit_the_connection_slowest_with_its_head_makes_room() -> None:
+    limits = Limits(request_timeout=WAIT, keepalive_timeout=WAIT, max_connections=2)
+    async with serving(limits=limits) as (server, port):
+        slow = await RawClient.connect(port)
+        await slow.send(b"GET / HTTP/1.1\r\nHo")
+        busy = await RawClient.connect(port)
+        await busy.send(get("/busy"))
+        assert (await busy.response()).status == 200
+        await anyio.sleep(1.2)  # the slow head is now older than a burst of newcomers
+        async with await RawClient.connect(port) as newcomer:
+            await newcomer.send(get("/new"))
+            assert (await newcomer.response()).json()["path"] == "/new"
+        assert await slow.closed()
+        await slow.stream.aclose()
+        await busy.stream.aclose()
+        await eventually(lambda: server.open_connections == 0)
 
 
 def test_response_json_is_compact_with_content_type() -> None:

@@ -1,6 +1,6 @@
-"""A small HTTP/1.1 server on anyio sockets and h11, shared by the daemon and the reference NAS.
+"""A small HTTP/1.1 server on asyncio transports and h11, for the daemon and the reference NAS.
 
-h11 parses and frames; this module owns the sockets, the limits and the life cycle:
+This module owns the sockets, the limits and the life cycle:
 
 - keep-alive and pipelining (requests on one connection are answered in order), HTTP/1.0,
   ``Content-Length`` and chunked request bodies, ``Expect: 100-continue``;
@@ -15,6 +15,20 @@ h11 parses and frames; this module owns the sockets, the limits and the life cyc
   handler that raises gets 500 (event ``http.handler_failed``); neither, nor a client vanishing
   mid-response, stops the server.
 
+Two parsers, one behaviour. The common request — HTTP/1.1, ``Content-Length`` or no body, plain
+header lines — is parsed here by a strict subset of h11's own grammar and answered with
+pre-encoded headers: per request that is a few regular-expression matches and one write, where
+h11's state machine costs several times the whole of it. Anything outside the subset
+(HTTP/1.0, chunked bodies, ``Expect``, ``Connection: close``, an absolute-form target, obs-fold,
+anything malformed, a client that closes mid-request) goes to h11 exactly as it arrived, so
+every odd or hostile request meets the full parser and its refusals.
+
+The connection is an asyncio protocol read by the connection's task (one per connection, owned
+by `serve`'s task group): anyio streams cost a checkpoint and a cancel scope per call, a third
+of the time of a small request. Timeouts are one deadline per connection, moved as the
+connection goes from idle to reading to writing, and checked by a timer re-armed only when it
+fires early. So this server runs on anyio's asyncio backend only (as the daemon and the NAS do).
+
 Every response carries ``Content-Length``. ``stop_accepting()`` leaves the listening sockets open:
 under socket activation systemd owns them, and connections that arrive after we stop wait in
 the kernel backlog for the next instance.
@@ -22,14 +36,17 @@ the kernel backlog for the next instance.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
+import math
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import anyio
 import anyio.abc
@@ -113,6 +130,12 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 _RECEIVE_SIZE = 65536
+# Bytes a client may have sent ahead (pipelined requests, a body still to be read) before the
+# server stops reading from it until the task has caught up.
+_READ_AHEAD = 262144
+# Pipelined requests answered one after the other without a pause; then the connection yields,
+# so one client filling its buffer with requests cannot hold the event loop.
+_FAIR_SHARE = 16
 # After an error response, reading what the client still sends (for this long, up to this
 # much) before closing keeps the kernel from answering the close with a reset that would
 # destroy the response before the client has read it.
@@ -123,6 +146,8 @@ _ACCEPT_BACKOFF = 0.1
 # At the connection limit, a connection that has waited this long for a complete request head
 # is slow (or idle) and makes room for a newcomer; a younger one does not.
 _SLOW_HEAD = 1.0
+# Distinct (status, headers) pairs whose encoded head is kept; handlers use a handful.
+_HEAD_CACHE_SIZE = 256
 _NETWORK_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 _BODYLESS_STATUSES = frozenset({204, 304})
@@ -175,11 +200,8 @@ class HTTPServer:
         self._sockets: list[socket.socket] = []
         self._looping: set[socket.socket] = set()
         self._accept_scopes: set[anyio.CancelScope] = set()
-        self._idle_scopes: set[anyio.CancelScope] = set()
-        # Connections that have not delivered a complete request head (fresh, or idle in
-        # keep-alive), with the moment they started waiting: at the connection limit the one
-        # waiting longest makes room for a newcomer, so slow clients cannot hold every slot.
-        self._head_waiters: dict[anyio.CancelScope, float] = {}
+        self._wires: set[_Wire] = set()
+        self._heads: dict[tuple[int, tuple[tuple[str, str], ...]], _EncodedHead] = {}
         self._overflow_reply = _raw_response(
             503,
             _json_error("too many connections"),
@@ -220,6 +242,13 @@ class HTTPServer:
         if self._stopping:
             task_status.started()
             return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "HTTPServer.serve() runs on asyncio transports; "
+                "run it under anyio's asyncio backend (the default of anyio.run)"
+            ) from None
         self._stop_requested = anyio.Event()
         self._sockets = [listener.extra(SocketAttribute.raw_socket) for listener in listeners]
         try:
@@ -272,8 +301,11 @@ class HTTPServer:
         return not (self._stopping or self._paused)
 
     def _halt_accepting(self) -> None:
-        for scope in (*self._accept_scopes, *self._idle_scopes):
+        for scope in self._accept_scopes:
             scope.cancel()
+        for wire in self._wires:
+            if wire.idle:
+                wire.interrupt()
 
     def _start_accept_loops(self) -> None:
         assert self._group is not None
@@ -316,13 +348,14 @@ class HTTPServer:
             group.start_soon(self._connection, client)
 
     def _evict_slowest(self) -> bool:
-        if not self._head_waiters:
+        waiting = [wire for wire in self._wires if wire.waiting_since is not None]
+        if not waiting:
             return False  # every open connection is being answered: refuse the newcomer
-        scope = min(self._head_waiters, key=self._head_waiters.__getitem__)
-        if time.monotonic() - self._head_waiters[scope] < _SLOW_HEAD:
+        slowest = min(waiting, key=_waiting_since)
+        if time.monotonic() - _waiting_since(slowest) < _SLOW_HEAD:
             return False  # a burst of new connections, not slow ones: refuse the newcomer
-        del self._head_waiters[scope]
-        scope.cancel()
+        slowest.waiting_since = None
+        slowest.interrupt()
         _log().info("http.connection_evicted", reason="connection limit, slowest request head")
         return True
 
@@ -374,106 +407,195 @@ class HTTPServer:
 
     async def _connection(self, client: socket.socket) -> None:
         try:
+            loop = asyncio.get_running_loop()
+            wire = _Wire(loop)
             try:
-                stream = await _wrap_stream(client)
+                peer = _peer(client)
+                await loop.connect_accepted_socket(lambda: wire, client)
             except BaseException:
                 client.close()
                 raise
-            async with stream:
-                with anyio.CancelScope() as scope:
-                    try:
-                        await self._converse(stream, scope)
-                    finally:
-                        self._head_waiters.pop(scope, None)
-        except _NETWORK_ERRORS:
+            self._wires.add(wire)
+            try:
+                await self._converse(wire, peer)
+            finally:
+                self._wires.discard(wire)
+                wire.close()
+        except (_Interrupted, *_NETWORK_ERRORS):
             pass
         except Exception:
             _log().exception("http.connection_failed")
         finally:
             self._count_connection(-1)
 
-    async def _converse(self, stream: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_head)
-        client = _peer(stream)
+    async def _converse(self, wire: _Wire, client: tuple[str, int] | None) -> None:
+        limits = self._limits
+        loop = wire.loop
         fresh = True
+        unbroken = 0  # requests answered from the buffer without waiting for the client
         while True:
             # A fresh connection was opened to send a request, so it is not idle: it gets the
-            # request timeout (and a 408), even while stopping.
-            self._head_waiters[scope] = time.monotonic()
-            if not fresh and not await self._await_next_request(stream, conn):
-                return
-            fresh = False
+            # request timeout (and a 408), even while stopping. Until its head is complete, it
+            # is among those the connection limit may evict.
+            now = loop.time()
+            wire.waiting_since = now
+            if fresh:
+                fresh = False
+            elif wire.buffer:  # pipelined: the next request has already (partly) arrived
+                unbroken += 1
+                if unbroken >= _FAIR_SHARE:
+                    unbroken = 0
+                    await asyncio.sleep(0)
+            else:
+                unbroken = 0
+                if wire.eof or not self._accepting:
+                    return
+                wire.deadline = now + limits.keepalive_timeout
+                wire.idle = True
+                try:
+                    await wire.more()
+                except _Timeout:
+                    return
+                finally:
+                    wire.idle = False
+                if not wire.buffer:
+                    return  # the client closed its end
+                now = loop.time()
+            wire.deadline = now + limits.request_timeout
             self._in_flight += 1
             try:
-                keep_alive = await self._exchange(stream, conn, client, scope)
+                keep_alive = await self._exchange(wire, client)
             finally:
                 self._in_flight -= 1
                 self.last_activity = time.monotonic()
             if not keep_alive:
                 return
 
-    async def _await_next_request(
-        self, stream: anyio.abc.SocketStream, conn: h11.Connection
-    ) -> bool:
-        buffered, closed = conn.trailing_data
-        if buffered:
-            return True  # pipelined: the next request has already (partly) arrived
-        if closed or not self._accepting:
-            return False
-        chunk = b""
-        with anyio.move_on_after(self._limits.keepalive_timeout) as scope:
-            self._idle_scopes.add(scope)
-            try:
-                chunk = await _receive(stream)
-            finally:
-                self._idle_scopes.discard(scope)
-        if scope.cancelled_caught or not chunk:
-            return False
-        conn.receive_data(chunk)
-        return True
-
-    async def _exchange(
-        self,
-        stream: anyio.abc.SocketStream,
-        conn: h11.Connection,
-        client: tuple[str, int] | None,
-        conn_scope: anyio.CancelScope,
-    ) -> bool:
+    async def _exchange(self, wire: _Wire, client: tuple[str, int] | None) -> bool:
         """Receive one request and answer it; True when the connection may serve another."""
-        outcome: Request | _Rejection | None = None
-        with anyio.move_on_after(self._limits.request_timeout) as scope:
-            outcome = await self._read_request(stream, conn, client, conn_scope)
-        if scope.cancelled_caught:
+        try:
+            head = await self._read_head(wire)
+        except _Timeout:
+            await self._reject(wire, _Rejection(408, "request not complete in time"), client)
+            return False
+        if head is None:
+            return await self._exchange_h11(wire, client)
+        buffer = wire.buffer
+        end = head.body_start + head.body_length
+        try:
+            while len(buffer) < end:
+                if wire.eof:
+                    return await self._exchange_h11(wire, client)
+                await wire.more()
+        except _Timeout:
+            await self._reject(wire, _Rejection(408, "request not complete in time"), client)
+            return False
+        body = bytes(buffer[head.body_start : end])
+        del buffer[:end]
+        request = Request(
+            method=head.method,
+            target=head.target,
+            path=head.path,
+            query=head.query,
+            headers=head.headers,
+            body=body,
+            client=client,
+        )
+        response = await self._call_handler(request)
+        closing = not self._accepting
+        try:
+            data, closes = self._encode(response, head_only=head.method == "HEAD", close=closing)
+        except h11.LocalProtocolError as exc:
+            _log().error("http.response_invalid", status=response.status, error=str(exc))
+            fallback = Response.json(500, {"error": "internal error"})
+            data, closes = self._encode(fallback, head_only=head.method == "HEAD", close=closing)
+        sent = await wire.send(data, self._limits.request_timeout)
+        _run_on_sent(response)
+        return sent and not closes
+
+    async def _read_head(self, wire: _Wire) -> _Head | None:
+        """The next request's head, once complete; None when h11 must read this request."""
+        buffer = wire.buffer
+        limits = self._limits
+        scan_from = 0
+        while True:
+            head = _parse_head(buffer, scan_from, limits.max_head, limits.max_body)
+            if head is not _INCOMPLETE:
+                break
+            if wire.eof:
+                return None
+            scan_from = max(0, len(buffer) - 2)
+            await wire.more()
+        if head is not None:
+            wire.waiting_since = None
+        return cast("_Head | None", head)
+
+    def _encode(self, response: Response, *, head_only: bool, close: bool) -> tuple[bytes, bool]:
+        """The response's bytes, and whether the connection must close after them.
+
+        What h11 would write for it after a keep-alive HTTP/1.1 request. Raises
+        h11.LocalProtocolError for a response h11 would refuse to send.
+        """
+        key = (response.status, response.headers)
+        try:
+            encoded = self._heads.get(key)
+        except TypeError:  # headers in a list after all: encoded each time, as h11 would
+            encoded = _encode_head(response.status, tuple(response.headers), self._server_header)
+        if encoded is None:
+            encoded = _encode_head(response.status, response.headers, self._server_header)
+            if len(self._heads) >= _HEAD_CACHE_SIZE:
+                self._heads.clear()
+            self._heads[key] = encoded
+        body = response.body
+        if encoded.bodyless:
+            framing = b"connection: close\r\n\r\n" if close else b"\r\n"
+            return encoded.head + framing, close or encoded.closes
+        framing = b"content-length: %d\r\n%s\r\n" % (
+            len(body),
+            b"connection: close\r\n" if close else b"",
+        )
+        if head_only:
+            return encoded.head + framing, close or encoded.closes
+        return encoded.head + framing + body, close or encoded.closes
+
+    # -- the full parser, for everything the fast path leaves to it ---------------------------
+
+    async def _exchange_h11(self, wire: _Wire, client: tuple[str, int] | None) -> bool:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_head)
+        try:
+            outcome = await self._read_request(wire, conn, client)
+        except _Timeout:
             outcome = _Rejection(408, "request not complete in time")
         if outcome is None:
             return False
         if isinstance(outcome, _Rejection):
-            await self._reject(stream, conn, outcome, client)
+            answerable = conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+            await self._reject(wire, outcome, client, answer=answerable)
             return False
 
         response = await self._call_handler(outcome)
         closing = not self._accepting
         sent = await self._send_response(
-            stream, conn, response, head_only=outcome.method == "HEAD", close=closing
+            wire, conn, response, head_only=outcome.method == "HEAD", close=closing
         )
         _run_on_sent(response)
         if not sent or closing:
             return False
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+            # What h11 read beyond this request is the start of the next one.
+            wire.buffer[:0] = conn.trailing_data[0]
             return True
         return False  # h11 decided the connection must close (HTTP/1.0, Connection: close)
 
     async def _read_request(
-        self,
-        stream: anyio.abc.SocketStream,
-        conn: h11.Connection,
-        client: tuple[str, int] | None,
-        conn_scope: anyio.CancelScope,
+        self, wire: _Wire, conn: h11.Connection, client: tuple[str, int] | None
     ) -> Request | _Rejection | None:
         # h11 unfolds obs-fold lines and merges repeated Content-Length headers; both are
         # request-smuggling material, so the raw head is kept to refuse them.
-        head = bytearray(conn.trailing_data[0])
+        head = bytearray(wire.buffer)
+        initial = wire.take()
+        if initial or wire.eof:
+            conn.receive_data(initial)  # b"": the client has closed, and h11 must know
         started: h11.Request | None = None
         body = bytearray()
         while True:
@@ -484,9 +606,11 @@ class HTTPServer:
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
                     continue_event = h11.InformationalResponse(status_code=100, headers=[])
-                    if not await self._send(stream, conn.send(continue_event) or b""):
+                    if not await wire.send(conn.send(continue_event) or b"", None):
                         return None
-                chunk = await _receive(stream)
+                if not wire.buffer and not wire.eof:
+                    await wire.more()
+                chunk = wire.take()  # b"" once the client has closed: h11 learns of it
                 if started is None:
                     head += chunk
                 conn.receive_data(chunk)
@@ -503,7 +627,7 @@ class HTTPServer:
                 if declared is not None and declared > self._limits.max_body:
                     return _Rejection(413, f"declared body of {declared} bytes")
                 started = event
-                self._head_waiters.pop(conn_scope, None)
+                wire.waiting_since = None
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self._limits.max_body:
@@ -515,36 +639,9 @@ class HTTPServer:
             else:  # ConnectionClosed before a request began
                 return None
 
-    async def _call_handler(self, request: Request) -> Response:
-        try:
-            return await self._handler(request)
-        except Exception:
-            _log().exception("http.handler_failed", method=request.method, path=request.path)
-            return Response.json(500, {"error": "internal error"})
-
-    async def _reject(
-        self,
-        stream: anyio.abc.SocketStream,
-        conn: h11.Connection,
-        rejection: _Rejection,
-        client: tuple[str, int] | None,
-    ) -> None:
-        _log().info(
-            "http.request_rejected",
-            status=rejection.status,
-            reason=rejection.reason,
-            client=client[0] if client else None,
-        )
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        message = _REJECTION_MESSAGES.get(rejection.status, "bad request")
-        response = Response.json(rejection.status, {"error": message})
-        if await self._send_response(stream, conn, response, head_only=False, close=True):
-            await self._linger(stream)
-
     async def _send_response(
         self,
-        stream: anyio.abc.SocketStream,
+        wire: _Wire,
         conn: h11.Connection,
         response: Response,
         *,
@@ -565,7 +662,7 @@ class HTTPServer:
         except h11.LocalProtocolError as exc:
             _log().error("http.response_invalid", status=response.status, error=str(exc))
             return False
-        return await self._send(stream, data)
+        return await wire.send(data, self._limits.request_timeout)
 
     def _h11_response(
         self, response: Response, *, close: bool, head_only: bool
@@ -586,55 +683,349 @@ class HTTPServer:
         )
         return head, b"" if bodyless or head_only else response.body
 
-    async def _send(self, stream: anyio.abc.SocketStream, data: bytes) -> bool:
-        # A client that stops reading must not hold the connection (and stop) forever.
-        with anyio.move_on_after(self._limits.request_timeout):
-            try:
-                await stream.send(data)
-            except _NETWORK_ERRORS:
-                return False
-            return True
-        return False
+    # -- either parser ---------------------------------------------------------------------
 
-    async def _linger(self, stream: anyio.abc.SocketStream) -> None:
+    async def _call_handler(self, request: Request) -> Response:
         try:
-            await stream.send_eof()
-        except _NETWORK_ERRORS:
+            return await self._handler(request)
+        except Exception:
+            _log().exception("http.handler_failed", method=request.method, path=request.path)
+            return Response.json(500, {"error": "internal error"})
+
+    async def _reject(
+        self,
+        wire: _Wire,
+        rejection: _Rejection,
+        client: tuple[str, int] | None,
+        *,
+        answer: bool = True,
+    ) -> None:
+        _log().info(
+            "http.request_rejected",
+            status=rejection.status,
+            reason=rejection.reason,
+            client=client[0] if client else None,
+        )
+        if not answer:
             return
+        message = _REJECTION_MESSAGES.get(rejection.status, "bad request")
+        response = Response.json(rejection.status, {"error": message})
+        data, _ = self._encode(response, head_only=False, close=True)
+        if await wire.send(data, self._limits.request_timeout):
+            await self._linger(wire)
+
+    async def _linger(self, wire: _Wire) -> None:
+        if not wire.send_eof():
+            return
+        wire.deadline = wire.loop.time() + min(_LINGER_SECONDS, self._limits.request_timeout)
         drained = 0
-        with anyio.move_on_after(min(_LINGER_SECONDS, self._limits.request_timeout)):
-            while drained < _LINGER_BYTES:
-                chunk = await _receive(stream)
-                if not chunk:
-                    return
-                drained += len(chunk)
+        try:
+            while drained < _LINGER_BYTES and not wire.eof:
+                drained += len(wire.take())
+                await wire.more()
+        except (_Timeout, _Interrupted):
+            return
+
+
+def _waiting_since(wire: _Wire) -> float:
+    return wire.waiting_since if wire.waiting_since is not None else math.inf
+
+
+# -- the connection ----------------------------------------------------------------------------
+
+
+class _Timeout(Exception):
+    """The connection's deadline passed while it waited for its client."""
+
+
+class _Interrupted(Exception):
+    """The server closed the connection (stop, or eviction at the limit) while it waited."""
+
+
+class _Wire(asyncio.Protocol):
+    """One connection: what the client sent, buffered for the task that serves it.
+
+    Only that task waits here (`more`, `send`), with one deadline at a time: ``deadline`` is
+    moved as the connection goes from idle to reading to writing, and the timer that enforces
+    it is armed when a wait starts and re-armed only when it went off before the deadline.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buffer = bytearray()
+        self.eof = False  # the client sent FIN, or the connection is gone
+        self.lost = False
+        self.idle = False  # waiting in keep-alive: closed when the server stops accepting
+        self.waiting_since: float | None = None  # when it began waiting for a request head
+        self.deadline = math.inf
+        self._transport: asyncio.Transport | None = None
+        self._interrupted = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._read_paused = False
+
+    # protocol callbacks (the event loop's side)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)
+        # Paused while anything is left unsent, resumed when all of it is in the kernel: a
+        # response counts as written (and on_sent runs) only then.
+        self._transport.set_write_buffer_limits(high=0, low=0)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= _READ_AHEAD and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+        self._wake(None)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake(None)
+        return True  # keep our side open: a client that half-closed still reads the answers
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        self._wake(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake(None)
+
+    # the connection task's side
+
+    def take(self) -> bytes:
+        """Everything buffered (b"" when nothing is), removed from the buffer."""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    async def more(self) -> None:
+        """Wait until more bytes arrive or the client closes.
+
+        Raises _Timeout when ``deadline`` passes first, _Interrupted after `interrupt`.
+        """
+        if self._read_paused and self._transport is not None:
+            self._read_paused = False
+            self._transport.resume_reading()
+        size = len(self.buffer)
+        while len(self.buffer) == size and not self.eof:
+            await self._wait()
+
+    async def send(self, data: bytes, timeout: float | None) -> bool:
+        """Write *data*; True once all of it is in the kernel, False if the client went away.
+
+        A client that does not take it within *timeout* seconds (None: by ``deadline``) counts
+        as gone.
+        """
+        transport = self._transport
+        if transport is None or self.lost or transport.is_closing():
+            return False
+        transport.write(data)
+        if self._write_paused:
+            if timeout is not None:
+                self.deadline = self.loop.time() + timeout
+            try:
+                while self._write_paused and not self.lost:
+                    await self._wait()
+            except _Timeout:
+                return False
+        return not (self.lost or transport.is_closing())
+
+    def send_eof(self) -> bool:
+        """Half-close our side; False when the connection is already gone."""
+        if self._transport is None or self.lost or self._transport.is_closing():
+            return False
+        try:
+            self._transport.write_eof()
+        except OSError:
+            return False
+        return True
+
+    def interrupt(self) -> None:
+        """End the connection's current (or next) wait with _Interrupted."""
+        self._interrupted = True
+        self._wake(_Interrupted())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # a client that stopped reading: nothing more will reach it
+        else:
+            transport.close()
+
+    async def _wait(self) -> None:
+        if self._interrupted:
+            raise _Interrupted
+        if self.deadline != math.inf:
+            if self.loop.time() >= self.deadline:
+                raise _Timeout
+            timer = self._timer
+            if timer is None or timer.when() > self.deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self.loop.call_at(self.deadline, self._timer_went_off)
+        waiter = self._waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _timer_went_off(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # the next wait arms it again
+        if self.loop.time() >= self.deadline:
+            self._wake(_Timeout())
+        elif self.deadline != math.inf:
+            self._timer = self.loop.call_at(self.deadline, self._timer_went_off)
+
+    def _wake(self, error: Exception | None) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+# -- the fast path's parser and encoder ---------------------------------------------------------
+
+# h11's grammar (h11/_abnf.py), for text decoded as latin-1. A header line is token ":" OWS
+# field-value OWS, where the value is runs of [^\x00\s] (bytes-pattern \s: six ASCII characters)
+# separated by spaces and tabs: whatever follows the colon is such a line exactly when it holds
+# none of NUL, CR, LF, VT, FF, and the value is what remains after stripping spaces and tabs.
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/1\.1")
+_HEADER_LINES = re.compile(rf"(?:{_TOKEN}:[^\x00\n\r\x0b\x0c]*\r\n)*")
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
+# Headers whose request h11 handles in ways the fast path does not: chunked bodies (and 501s),
+# interim responses, protocol switches.
+_LEFT_TO_H11 = frozenset({"transfer-encoding", "expect", "upgrade"})
+_CONTENT_LENGTH_DIGITS = 20  # h11's bound
+
+
+class _Head(NamedTuple):
+    method: str
+    target: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    body_start: int
+    body_length: int
+
+
+class _Incomplete:
+    pass
+
+
+_INCOMPLETE = _Incomplete()
+
+
+def _parse_head(
+    data: bytearray | bytes, scan_from: int, max_head: int, max_body: int
+) -> _Head | _Incomplete | None:
+    """The head of the request at the start of *data*, read as h11 would read it.
+
+    None when h11 must read this request instead: anything it refuses or treats in its own way
+    (HTTP/1.0, ``Connection: close``, chunked, ``Expect``, ``Upgrade``, CONNECT, a repeated or
+    over-limit ``Content-Length``, a head over *max_head*, obs-fold, bare LF line ends).
+    *scan_from* is where to resume looking for the end of the head.
+    """
+    found = _HEAD_END.search(data, scan_from, max_head)  # a head ending later is not ours
+    if found is None:
+        if len(data) > max_head or (data and data[0] < 0x21):
+            return None  # h11 answers at once: 431, or 400 for what cannot start a request
+        return _INCOMPLETE
+    end = found.end()
+    if end > max_head or data[end - 4 : end] != b"\r\n\r\n":
+        return None
+    text = data[: end - 2].decode("latin-1")
+    line_end = text.index("\r\n")
+    request_line = _REQUEST_LINE.fullmatch(text, 0, line_end)
+    block = text[line_end + 2 :]  # every header line with its CRLF
+    if request_line is None or _HEADER_LINES.fullmatch(block) is None:
+        return None
+    method, target = request_line.group(1, 2)
+    if method == "CONNECT":
+        return None
+    headers = []
+    hosts = 0
+    body_length = -1
+    for line in block[:-2].split("\r\n") if block else ():
+        name, _, value = line.partition(":")
+        name = name.lower()
+        value = value.strip(" \t")
+        if name == "host":
+            hosts += 1
+        elif name == "content-length":
+            # isascii: latin-1 has digits of its own ("²") that isdigit accepts and h11 does not
+            digits = value.isascii() and value.isdigit()
+            if body_length >= 0 or not digits or len(value) > _CONTENT_LENGTH_DIGITS:
+                return None
+            body_length = int(value)
+            if body_length > max_body:
+                return None
+        elif name == "connection":
+            if "close" in value.lower():
+                return None
+        elif name in _LEFT_TO_H11:
+            return None
+        headers.append((name, value))
+    if hosts != 1:
+        return None
+    if target[0] == "/" or target == "*":
+        path, _, query = target.partition("?")
+    else:
+        return None  # absolute form: rare, and h11's path splits it
+    return _Head(method, target, path, query, tuple(headers), end, max(body_length, 0))
+
+
+class _EncodedHead(NamedTuple):
+    head: bytes  # status line and headers, up to the framing headers
+    bodyless: bool
+    closes: bool  # the handler asked for Connection: close
+
+
+def _encode_head(
+    status: int, headers: tuple[tuple[str, str], ...], server_header: str
+) -> _EncodedHead:
+    """What h11 writes for this response head, up to the framing headers h11 would add."""
+    kept = [(name, value) for name, value in headers if name.lower() not in _FRAMING_HEADERS]
+    kept.append(("server", server_header))
+    # Building h11's event validates as h11.Connection.send would (and raises as it does).
+    checked = h11.Response(status_code=status, headers=kept, reason=_reason(status))
+    items = checked.headers.raw_items()
+    ordered = [item for item in items if item[0].lower() == b"host"]  # h11 writes Host first
+    ordered += [item for item in items if item[0].lower() != b"host"]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, checked.reason)]
+    lines += [b"%s: %s\r\n" % (name, value) for name, value in ordered]
+    tokens = {
+        token.strip()
+        for name, value in items
+        if name.lower() == b"connection"
+        for token in value.lower().split(b",")
+    }
+    return _EncodedHead(b"".join(lines), status in _BODYLESS_STATUSES, b"close" in tokens)
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def _wrap_stream(client: socket.socket) -> anyio.abc.SocketStream:
-    client.setblocking(False)
-    if client.family != socket.AF_UNIX:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # The transport-based stream for Unix sockets too: anyio's UNIXSocketStream on asyncio
-    # leaves its reader registered after a cancelled receive (as stop_accepting does to idle
-    # connections), and a late wake-up then fails inside the event loop.
-    return await anyio.abc.SocketStream.from_socket(client)
-
-
-async def _receive(stream: anyio.abc.SocketStream) -> bytes:
-    """The next bytes from the peer; b"" once it has closed or vanished."""
+def _peer(client: socket.socket) -> tuple[str, int] | None:
     try:
-        return await stream.receive(_RECEIVE_SIZE)
-    except (anyio.EndOfStream, *_NETWORK_ERRORS):
-        return b""
-
-
-def _peer(stream: anyio.abc.SocketStream) -> tuple[str, int] | None:
-    try:
-        address = stream.extra(SocketAttribute.remote_address)
-    except anyio.TypedAttributeLookupError:
+        address = client.getpeername()
+    except OSError:
         return None
     if isinstance(address, tuple):
         return str(address[0]), int(address[1])
