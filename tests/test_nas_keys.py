@@ -67,6 +67,37 @@ def test_minted_fire_token_carries_the_contract_claims(tmp_path: Path) -> None:
     assert verify(ring, other, now=NOW)["jti"] != claims["jti"]
 
 
+def test_minted_fire_token_is_byte_for_byte_what_pyjwt_encodes(tmp_path: Path) -> None:
+    ring = KeyRing.load_or_create(tmp_path, now=NOW)
+    token = ring.mint_fire_token(
+        issuer="https://nas.example", audience="agent:alpha", job_id="backup", now=NOW
+    )
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "EdDSA", "kid": ring.current().kid, "typ": "JWT"}
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert list(claims) == ["iss", "aud", "sub", "purpose", "iat", "exp", "jti"]
+    assert len(claims["jti"]) == 32
+    key = ring.current()
+    # Ed25519 signatures are deterministic: the same claims give the same token.
+    expected = jwt.encode(claims, key.private_key(), algorithm="EdDSA", headers={"kid": key.kid})
+    assert token == expected
+
+
+def test_token_minted_after_a_rotation_uses_the_new_key(tmp_path: Path) -> None:
+    ring = KeyRing.load_or_create(tmp_path, now=NOW)
+    before = ring.mint_fire_token(
+        issuer="https://nas.example", audience="agent:alpha", job_id="j", now=NOW
+    )
+    KeyRing.load_or_create(tmp_path).rotate(now=NOW + 1)  # as `chronosd nas keys rotate`
+    after = ring.mint_fire_token(
+        issuer="https://nas.example", audience="agent:alpha", job_id="j", now=NOW + 2
+    )
+    assert jwt.get_unverified_header(after)["kid"] == ring.current().kid
+    assert jwt.get_unverified_header(after)["kid"] != jwt.get_unverified_header(before)["kid"]
+    assert verify(ring, after, now=NOW + 2)["sub"] == "j"
+    assert verify(ring, before, now=NOW + 2)["sub"] == "j"  # the old key is still published
+
+
 def test_token_signed_by_another_key_does_not_verify(tmp_path: Path) -> None:
     (tmp_path / "ours").mkdir()
     (tmp_path / "theirs").mkdir()

@@ -21,6 +21,7 @@ import jwt
 import pytest
 
 from chronosd.http.server import HTTPServer, Limits, Request, Response, bind_listener
+from chronosd.nas.dispatcher import DEFAULT_MAX_IN_FLIGHT_PER_AGENT
 from chronosd.nas.serve import NASOptions, RunningNAS, run_nas
 from chronosd.nas.store import NASStore
 from chronosd.timefmt import to_wire
@@ -595,7 +596,7 @@ async def test_a_thousand_arms_due_at_once_are_all_delivered(tmp_path: Path) -> 
                 await eventually(lambda: nas.store.count_armed() == 0)
             delivered = [d.job_id for d in nas.store.deliveries() if d.outcome == "delivered"]
             assert sorted(delivered) == sorted(everything)
-            assert 1 < agent.peak <= 8  # the default bound per agent
+            assert 1 < agent.peak <= DEFAULT_MAX_IN_FLIGHT_PER_AGENT
 
 
 async def test_deliveries_in_flight_are_bounded_overall_and_per_agent(tmp_path: Path) -> None:

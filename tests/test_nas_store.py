@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chronosd.nas.dispatcher import RetryPolicy, parse_retry_after
-from chronosd.nas.store import AgentExistsError, NASStore, hash_token
+from chronosd.nas.store import AgentExistsError, NASStore, Outcome, hash_token
 
 
 @pytest.fixture
@@ -82,15 +82,17 @@ def test_retry_of_a_replaced_arm_leaves_the_new_arm_untouched(store: NASStore) -
     assert [d.outcome for d in store.deliveries()] == ["superseded", "superseded"]
 
 
-def test_due_and_earliest_skip_arms_in_flight_and_busy_agents(store: NASStore) -> None:
+def test_due_skips_busy_agents_and_earliest_looks_past_an_instant(store: NASStore) -> None:
     arm(store, "a", 1.0)
     arm(store, "b", 2.0)
     arm(store, "c", 30.0)
     assert [a.job_id for a in store.due(5.0, limit=10)] == ["a", "b"]
-    assert store.earliest_attempt(excluding=[("alpha", "a")]) == 2.0
-    assert store.earliest_attempt(excluding=[("alpha", "a"), ("alpha", "b")]) == 30.0
+    assert [a.job_id for a in store.due(5.0, limit=1)] == ["a"]
     assert store.due(5.0, limit=10, skip_agents={"alpha"}) == []
-    assert store.earliest_attempt(skip_agents={"alpha"}) is None
+    assert store.earliest_attempt_after(0.0) == 1.0
+    assert store.earliest_attempt_after(1.0) == 2.0
+    assert store.earliest_attempt_after(5.0) == 30.0
+    assert store.earliest_attempt_after(30.0) is None
 
 
 def test_same_dedup_key_keeps_the_arm_and_its_schedule_id(store: NASStore) -> None:
@@ -131,3 +133,142 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("soon", now=now) is None
     date = format_datetime(datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC), usegmt=True)
     assert parse_retry_after(date, now=now) == 30.0
+
+
+def test_outcomes_written_together_apply_each_to_its_own_arm(store: NASStore) -> None:
+    for job_id in ("ok", "again", "dead", "replaced"):
+        arm(store, job_id, 10.0)
+    arms = {a.job_id: a for a in store.armed()}
+    arm(store, "replaced", 99.0)  # a new generation: the old delivery's outcome is superseded
+    applied = store.record(
+        [
+            Outcome(arms["ok"], "delivered", 1, 11.0, 202),
+            Outcome(arms["again"], "retry", 1, 11.0, 503, "HTTP 503", 12.0),
+            Outcome(arms["dead"], "dead", 3, 11.0, None, "refused"),
+            Outcome(arms["replaced"], "delivered", 1, 11.0, 202),
+        ]
+    )
+    assert applied == [True, True, True, False]
+    left = {a.job_id: a for a in store.armed()}
+    assert set(left) == {"again", "replaced"}
+    assert (left["again"].attempts, left["again"].next_attempt_at) == (1, 12.0)
+    assert left["again"].last_error == "HTTP 503"
+    assert left["replaced"].fire_epoch == 99.0
+    assert [(d.job_id, d.outcome) for d in store.deliveries()] == [
+        ("ok", "delivered"),
+        ("again", "retry"),
+        ("dead", "dead"),
+        ("replaced", "superseded"),
+    ]
+    (dead,) = store.dead_letters()
+    assert (dead.job_id, dead.attempts, dead.last_error) == ("dead", 3, "refused")
+
+
+def test_two_stores_on_one_file_never_hand_out_the_same_generation(tmp_path: Path) -> None:
+    first, second = NASStore.open(tmp_path), NASStore.open(tmp_path)
+    try:
+        generations = []
+        for index in range(50):
+            for which, opened in (("a", first), ("b", second)):
+                result = opened.provision(
+                    which,
+                    f"j{index}",
+                    fire_at="t",
+                    fire_epoch=1.0,
+                    callback_url="http://agent.example",
+                    dedup_key=None,
+                    now=0.0,
+                )
+                generations.append(result.arm.generation)
+        assert len(set(generations)) == len(generations) == 100
+    finally:
+        first.close()
+        second.close()
+    reopened = NASStore.open(tmp_path)
+    try:
+        later = arm(reopened, "later", 1.0)
+        assert later
+        assert reopened.armed("alpha")[0].generation > max(generations)
+    finally:
+        reopened.close()
+
+
+def test_token_lookup_sees_agents_changed_by_another_connection(tmp_path: Path) -> None:
+    serving, cli = NASStore.open(tmp_path), NASStore.open(tmp_path)
+    try:
+        assert serving.agent_for_token("nobody") is None
+        token = cli.add_agent("alpha", "http://agent.example", now=1.0)
+        found = serving.agent_for_token(token)
+        assert found is not None and found.name == "alpha"
+        rotated = cli.add_agent("alpha", "http://new.example", now=2.0, rotate_token=True)
+        assert serving.agent_for_token(token) is None
+        found = serving.agent_for_token(rotated)
+        assert found is not None and found.callback_url == "http://new.example"
+        cli.remove_agent("alpha")
+        assert serving.agent_for_token(rotated) is None
+    finally:
+        serving.close()
+        cli.close()
+
+
+def test_token_lookup_sees_agents_changed_through_the_same_store(store: NASStore) -> None:
+    token = store.add_agent("alpha", "http://agent.example", now=1.0)
+    assert store.agent_for_token(token) is not None
+    store.remove_agent("alpha")
+    assert store.agent_for_token(token) is None
+
+
+def test_deferred_outcome_is_written_before_a_later_change_to_its_arm(store: NASStore) -> None:
+    arm(store, "j", 10.0)
+    (delivered,) = store.armed()
+    store.defer(Outcome(delivered, "delivered", 1, 11.0, 202))
+    # The agent re-arms the moment it has answered, before the dispatcher wrote anything.
+    arm(store, "j", 86_410.0)
+    assert [(d.job_id, d.outcome) for d in store.deliveries()] == [("j", "delivered")]
+    (rearmed,) = store.armed()
+    assert rearmed.fire_epoch == 86_410.0
+    assert store.take_written() == [(Outcome(delivered, "delivered", 1, 11.0, 202), True)]
+    assert store.take_written() == []
+
+
+def test_deferred_outcomes_are_seen_by_every_read_and_written_in_one_go(
+    store: NASStore,
+) -> None:
+    for job_id in ("a", "b", "c"):
+        arm(store, job_id, 10.0)
+    arms = store.armed()
+    for index, each in enumerate(arms):
+        store.defer(Outcome(each, "retry", 1, 11.0, 503, "HTTP 503", 20.0 + index))
+    assert [a.next_attempt_at for a in store.armed()] == [20.0, 21.0, 22.0]
+    assert [applied for _, applied in store.take_written()] == [True, True, True]
+    store.flush()  # nothing deferred: nothing to do
+    assert store.take_written() == []
+
+
+def test_deferred_outcome_survives_a_failed_change_and_is_written_later(
+    store: NASStore,
+) -> None:
+    store.add_agent("alpha", "http://agent.example", now=1.0)
+    arm(store, "j", 10.0)
+    (delivered,) = store.armed()
+    store.defer(Outcome(delivered, "delivered", 1, 11.0, 202))
+    with pytest.raises(AgentExistsError):
+        store.add_agent("alpha", "http://agent.example", now=2.0)  # rolled back
+    assert store.take_written() == []
+    assert store.armed() == []
+    assert [d.outcome for d in store.deliveries()] == ["delivered"]
+    assert [applied for _, applied in store.take_written()] == [True]
+
+
+def test_closing_the_store_writes_deferred_outcomes(tmp_path: Path) -> None:
+    opened = NASStore.open(tmp_path)
+    arm(opened, "j", 10.0)
+    (delivered,) = opened.armed()
+    opened.defer(Outcome(delivered, "delivered", 1, 11.0, 202))
+    opened.close()
+    reopened = NASStore.open(tmp_path)
+    try:
+        assert reopened.armed() == []
+        assert [d.outcome for d in reopened.deliveries()] == ["delivered"]
+    finally:
+        reopened.close()

@@ -7,6 +7,7 @@ the server's.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
@@ -37,6 +38,13 @@ def check_callback_url(url: object) -> str:
     """*url* when it is an absolute http(s) URL without query or fragment; BadRequest otherwise."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
         raise BadRequest("agent_callback_url must be an http or https URL")
+    return _checked_url(url)
+
+
+# An agent sends the same callback URL with every provision; a refused one raises and is not
+# remembered.
+@functools.lru_cache(maxsize=256)
+def _checked_url(url: str) -> str:
     if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
         raise BadRequest("agent_callback_url contains whitespace or control characters")
     try:
@@ -50,11 +58,6 @@ def check_callback_url(url: object) -> str:
     if parts.query or parts.fragment:
         raise BadRequest("agent_callback_url must not have a query or fragment")
     return url
-
-
-def fire_url(callback_url: str) -> str:
-    """Where the fire call for an arm goes: the agent's base URL plus ``/api/cron/fire``."""
-    return callback_url.rstrip("/") + "/api/cron/fire"
 
 
 def _check_job_id(value: object) -> str:
@@ -107,19 +110,23 @@ def _log() -> Any:
 
 
 class NASApp:
-    """Routes requests to the store; *wake* tells the dispatcher the arms changed."""
+    """Routes requests to the store.
+
+    *on_change* tells the dispatcher an arm changed: ``(agent, job_id, next attempt)``, the
+    next attempt None for a cancelled arm.
+    """
 
     def __init__(
         self,
         store: NASStore,
         keyring: KeyRing,
         *,
-        wake: Callable[[], None],
+        on_change: Callable[[str, str, float | None], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._keyring = keyring
-        self._wake = wake
+        self._on_change = on_change
         self._clock = clock
         self._routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("POST", "/api/agent-cron/provision"): self._provision,
@@ -183,7 +190,7 @@ class NASApp:
             now=self._clock(),
         )
         if result.changed:
-            self._wake()
+            self._on_change(agent.name, job_id, result.arm.next_attempt_at)
             _log().info(
                 "nas.armed",
                 agent=agent.name,
@@ -200,7 +207,7 @@ class NASApp:
             return self._unauthorized()
         job_id = _check_job_id(_json_object(request).get("job_id"))
         if self._store.cancel(agent.name, job_id):
-            self._wake()
+            self._on_change(agent.name, job_id, None)
             _log().info("nas.cancelled", agent=agent.name, job_id=job_id)
         return Response.json(200, {"ok": True}, headers=_JSON_ONLY)
 

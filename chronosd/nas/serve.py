@@ -13,7 +13,6 @@ The listeners belong to the caller (or to systemd) and are never closed here.
 from __future__ import annotations
 
 import os
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,11 +41,6 @@ from chronosd.nas.store import NASStore
 DEFAULT_LISTEN = "127.0.0.1:8788"
 DELIVERY_HISTORY = 30 * 86400.0
 """Delivery attempts older than this are pruned at start-up."""
-# Within a burst to one agent, connections are reused; agents close idle ones (chronosd after
-# 5 s), and reusing one they are closing at that moment fails the delivery, so a connection
-# idle this long is not reused. (The dispatcher closes an agent's connections anyway as soon as
-# nothing is in flight to it.)
-_KEEPALIVE_EXPIRY = 2.0
 _STOP_GRACE = 5.0  # seconds for requests in progress to be answered at shutdown
 
 
@@ -130,8 +124,6 @@ async def run_nas(
     task_status: anyio.abc.TaskStatus[RunningNAS] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the NAS on *listeners* and dispatch its arms until stopped or cancelled."""
-    import httpx
-
     if not listeners:
         raise ConfigError("the reference NAS needs at least one listening socket")
     state_dir = ensure_state_dir(options.state_dir)
@@ -141,29 +133,9 @@ async def run_nas(
     try:
         keyring = KeyRing.load_or_create(state_dir)
         store.prune_deliveries(time.time() - DELIVERY_HISTORY)
-        # trust_env=False: a proxy or .netrc credentials from the environment have no business
-        # in calls to agents. One TLS context for all clients: building one costs ~50 ms, a
-        # client with it ~0.2 ms (the dispatcher makes one per agent and burst).
-        tls = _tls_context()
-
-        def new_client() -> httpx.AsyncClient:
-            return httpx.AsyncClient(
-                timeout=options.delivery_timeout,
-                limits=httpx.Limits(
-                    max_connections=options.max_in_flight_per_agent,
-                    max_keepalive_connections=options.max_in_flight_per_agent,
-                    keepalive_expiry=_KEEPALIVE_EXPIRY,
-                ),
-                verify=tls,
-                follow_redirects=False,
-                trust_env=False,
-                headers={"user-agent": "chronosd-nas"},
-            )
-
         dispatcher = Dispatcher(
             store,
             keyring,
-            new_client,
             issuer=base_url,
             policy=RetryPolicy(
                 max_delivery_age=options.max_delivery_age,
@@ -174,7 +146,7 @@ async def run_nas(
             max_in_flight=options.max_in_flight,
             max_in_flight_per_agent=options.max_in_flight_per_agent,
         )
-        app = NASApp(store, keyring, wake=dispatcher.wake)
+        app = NASApp(store, keyring, on_change=dispatcher.arm_changed)
         server = HTTPServer(app, limits=options.limits, server_header="chronosd-nas")
         running = RunningNAS(
             base_url=base_url,
@@ -212,9 +184,3 @@ async def run_nas(
         _log().info("nas.stopped")
     finally:
         store.close()
-
-
-def _tls_context() -> ssl.SSLContext:
-    import certifi
-
-    return ssl.create_default_context(cafile=certifi.where())

@@ -17,15 +17,19 @@ import hashlib
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from chronosd.errors import StateError
 
 DB_NAME = "nas.db"
 SCHEMA_VERSION = 1
+# Generations are taken from the shared counter this many at a time, so that a provision does
+# not rewrite the counter's page (one more page in each commit) every time.
+_GENERATION_BLOCK = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -146,6 +150,23 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """What one delivery attempt of *arm* came to, to be written by `NASStore.record`.
+
+    ``kind`` is delivered (the arm goes), retry (tried again at ``next_attempt_at``) or dead
+    (the arm moves to the dead letters).
+    """
+
+    arm: Arm
+    kind: Literal["delivered", "retry", "dead"]
+    attempt: int
+    at: float
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True)
 class Provisioned:
     """What a provision did: ``changed`` is False for a repeated dedup_key."""
 
@@ -172,6 +193,15 @@ class NASStore:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        # Agents by token hash, valid while the database's data_version is _agents_version:
+        # `chronosd nas agent ...` changes agents from another process.
+        self._agents: dict[str, Agent] = {}
+        self._agents_version: int | None = None
+        self._next_generation = 0
+        self._generation_limit = 0  # exclusive; a new block is reserved when reached
+        self._reserving = False  # this transaction reserved a block; a rollback undoes it
+        self._pending: list[Outcome] = []  # see defer()
+        self._written: list[tuple[Outcome, bool]] = []
 
     @classmethod
     def open(cls, state_dir: Path) -> NASStore:
@@ -214,17 +244,52 @@ class NASStore:
         return cls(conn, path)
 
     def close(self) -> None:
-        self._conn.close()
+        try:
+            self.flush()
+        except sqlite3.Error:
+            pass  # deliveries not recorded are made again by the next start: agents dedup
+        finally:
+            self._conn.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+        """A write transaction that begins with the deferred outcomes (see `defer`)."""
+        pending, self._pending = self._pending, []
         try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            applied = self._apply(self._conn, pending) if pending else []
             yield self._conn
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            self._pending[:0] = pending  # not written: kept for the next transaction
+            if self._reserving:
+                # The counter went back with the rollback: the block may be handed out again.
+                self._next_generation = self._generation_limit = 0
             raise
-        self._conn.execute("COMMIT")
+        finally:
+            self._reserving = False
+        self._written += zip(pending, applied, strict=True)
+
+    def _new_generation(self, conn: sqlite3.Connection) -> int:
+        if self._next_generation >= self._generation_limit:
+            last = int(
+                conn.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? "
+                    "WHERE key = 'generation' RETURNING value",
+                    (_GENERATION_BLOCK,),
+                ).fetchall()[0][0]
+            )
+            self._reserving = True
+            self._next_generation, self._generation_limit = last - _GENERATION_BLOCK + 1, last + 1
+        generation = self._next_generation
+        self._next_generation += 1
+        return generation
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -245,9 +310,11 @@ class NASStore:
                 "token_sha256 = excluded.token_sha256, callback_url = excluded.callback_url",
                 (name, hash_token(token), callback_url, now),
             )
+        self._agents_version = None
         return token
 
     def remove_agent(self, name: str) -> bool:
+        self._agents_version = None
         with self._write() as conn:
             conn.execute("DELETE FROM arms WHERE agent = ?", (name,))
             return conn.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount > 0
@@ -259,11 +326,18 @@ class NASStore:
         return [Agent(row["name"], row["callback_url"], row["created_at"]) for row in rows]
 
     def agent_for_token(self, token: str) -> Agent | None:
-        row = self._conn.execute(
-            "SELECT name, callback_url, created_at FROM agents WHERE token_sha256 = ?",
-            (hash_token(token),),
-        ).fetchone()
-        return Agent(row["name"], row["callback_url"], row["created_at"]) if row else None
+        """The agent *token* belongs to; answered from memory while no other process wrote."""
+        version = self.data_version()
+        if version != self._agents_version:
+            rows = self._conn.execute(
+                "SELECT name, token_sha256, callback_url, created_at FROM agents"
+            ).fetchall()
+            self._agents = {
+                row["token_sha256"]: Agent(row["name"], row["callback_url"], row["created_at"])
+                for row in rows
+            }
+            self._agents_version = version
+        return self._agents.get(hash_token(token))
 
     # -- arms --------------------------------------------------------------------------------
 
@@ -287,12 +361,6 @@ class NASStore:
             current = _arm(row) if row else None
             if current is not None and dedup_key is not None and current.dedup_key == dedup_key:
                 return Provisioned(current, changed=False, replaced=False)
-            generation = int(
-                conn.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                    "WHERE key = 'generation' RETURNING value"
-                ).fetchall()[0][0]
-            )
             arm = Arm(
                 agent=agent,
                 job_id=job_id,
@@ -301,7 +369,7 @@ class NASStore:
                 callback_url=callback_url,
                 dedup_key=dedup_key,
                 schedule_id=uuid.uuid4().hex,
-                generation=generation,
+                generation=self._new_generation(conn),
                 attempts=0,
                 next_attempt_at=fire_epoch,
                 last_status=None,
@@ -312,15 +380,15 @@ class NASStore:
                 "dedup_key, schedule_id, generation, attempts, next_attempt_at, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (
-                    agent,
-                    job_id,
-                    fire_at,
-                    fire_epoch,
-                    callback_url,
-                    dedup_key,
+                    arm.agent,
+                    arm.job_id,
+                    arm.fire_at,
+                    arm.fire_epoch,
+                    arm.callback_url,
+                    arm.dedup_key,
                     arm.schedule_id,
-                    generation,
-                    fire_epoch,
+                    arm.generation,
+                    arm.next_attempt_at,
                     now,
                 ),
             )
@@ -335,6 +403,7 @@ class NASStore:
 
     def armed(self, agent: str | None = None) -> list[Arm]:
         """Every arm (of *agent*), earliest fire first."""
+        self.flush()
         where, params = ("WHERE agent = ?", (agent,)) if agent is not None else ("", ())
         rows = self._conn.execute(
             f"SELECT {_ARM_COLUMNS} FROM arms {where} ORDER BY fire_epoch, agent, job_id",
@@ -343,10 +412,12 @@ class NASStore:
         return [_arm(row) for row in rows]
 
     def count_armed(self) -> int:
+        self.flush()
         return int(self._conn.execute("SELECT COUNT(*) FROM arms").fetchone()[0])
 
     def due(self, now: float, *, limit: int, skip_agents: Collection[str] = ()) -> list[Arm]:
         """Arms whose next attempt is at or before *now*, earliest first."""
+        self.flush()
         where, params = _not_in("agent", skip_agents)
         rows = self._conn.execute(
             f"SELECT {_ARM_COLUMNS} FROM arms WHERE next_attempt_at <= ? {where} "
@@ -355,37 +426,19 @@ class NASStore:
         ).fetchall()
         return [_arm(row) for row in rows]
 
-    def earliest_attempt(
-        self,
-        *,
-        excluding: Collection[tuple[str, str]] = (),
-        skip_agents: Collection[str] = (),
-    ) -> float | None:
-        """The earliest next attempt among arms not in *excluding* nor of *skip_agents*."""
-        skip = set(excluding)
-        where, params = _not_in("agent", skip_agents)
-        rows = self._conn.execute(
-            f"SELECT agent, job_id, next_attempt_at FROM arms WHERE 1 {where} "
-            "ORDER BY next_attempt_at LIMIT ?",
-            (*params, len(skip) + 1),
-        )
-        for row in rows:
-            if (row["agent"], row["job_id"]) not in skip:
-                return float(row["next_attempt_at"])
-        return None
+    def earliest_attempt_after(self, after: float) -> float | None:
+        """The earliest next attempt later than *after*, or None."""
+        self.flush()
+        row = self._conn.execute(
+            "SELECT MIN(next_attempt_at) FROM arms WHERE next_attempt_at > ?", (after,)
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
 
     # -- delivery outcomes ----------------------------------------------------------------------
 
     def mark_delivered(self, arm: Arm, *, attempt: int, status_code: int, now: float) -> bool:
         """Remove the delivered arm unless it was replaced meanwhile; True when removed."""
-        with self._write() as conn:
-            removed = conn.execute(
-                "DELETE FROM arms WHERE agent = ? AND job_id = ? AND generation = ?",
-                (arm.agent, arm.job_id, arm.generation),
-            ).rowcount
-            outcome = "delivered" if removed else "superseded"
-            self._record(conn, arm, attempt, now, status_code, None, outcome)
-        return removed > 0
+        return self.record([Outcome(arm, "delivered", attempt, now, status_code)])[0]
 
     def schedule_retry(
         self,
@@ -398,34 +451,69 @@ class NASStore:
         now: float,
     ) -> bool:
         """Record a failed attempt and when to try again; False when the arm was replaced."""
-        with self._write() as conn:
-            updated = conn.execute(
-                "UPDATE arms SET attempts = ?, next_attempt_at = ?, last_status = ?, "
-                "last_error = ? WHERE agent = ? AND job_id = ? AND generation = ?",
-                (
-                    attempt,
-                    next_attempt_at,
-                    status_code,
-                    error,
-                    arm.agent,
-                    arm.job_id,
-                    arm.generation,
-                ),
-            ).rowcount
-            outcome = "retry" if updated else "superseded"
-            self._record(conn, arm, attempt, now, status_code, error, outcome)
-        return updated > 0
+        outcome = Outcome(arm, "retry", attempt, now, status_code, error, next_attempt_at)
+        return self.record([outcome])[0]
 
     def dead_letter(
         self, arm: Arm, *, attempt: int, status_code: int | None, error: str, now: float
     ) -> bool:
         """Move the arm to the dead letters; False when it was replaced meanwhile."""
+        return self.record([Outcome(arm, "dead", attempt, now, status_code, error)])[0]
+
+    def record(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Write delivery outcomes now; per outcome, False when it was superseded.
+
+        An outcome applies only while its arm still has the generation the delivery started
+        with; otherwise the attempt is recorded as superseded and the arm left alone.
+        """
         with self._write() as conn:
-            removed = conn.execute(
-                "DELETE FROM arms WHERE agent = ? AND job_id = ? AND generation = ?",
-                (arm.agent, arm.job_id, arm.generation),
-            ).rowcount
-            if removed:
+            return self._apply(conn, outcomes)
+
+    def defer(self, outcome: Outcome) -> None:
+        """Write *outcome* with the next transaction: the next `flush` or change, whichever first.
+
+        Outcomes that come in together are written in one commit. Every change and every read
+        of arms, deliveries or dead letters writes them first, so nothing ever sees (or
+        changes) an arm whose delivery has finished as if it had not, and an agent that
+        re-arms the moment it has answered finds its delivery recorded as delivered.
+        `take_written` says what became of them.
+        """
+        self._pending.append(outcome)
+
+    def flush(self) -> None:
+        """Write the deferred outcomes now (when there are any)."""
+        if self._pending:
+            with self._write():
+                pass
+
+    def take_written(self) -> list[tuple[Outcome, bool]]:
+        """Deferred outcomes written since the last call, each with `record`'s answer."""
+        written, self._written = self._written, []
+        return written
+
+    def _apply(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[bool]:
+        applied: list[bool] = []
+        attempts: list[tuple[object, ...]] = []
+        for outcome in outcomes:
+            arm = outcome.arm
+            key = (arm.agent, arm.job_id, arm.generation)
+            if outcome.kind == "retry":
+                changed = conn.execute(
+                    "UPDATE arms SET attempts = ?, next_attempt_at = ?, last_status = ?, "
+                    "last_error = ? WHERE agent = ? AND job_id = ? AND generation = ?",
+                    (
+                        outcome.attempt,
+                        outcome.next_attempt_at,
+                        outcome.status_code,
+                        outcome.error,
+                        *key,
+                    ),
+                ).rowcount
+            else:
+                changed = conn.execute(
+                    "DELETE FROM arms WHERE agent = ? AND job_id = ? AND generation = ?", key
+                ).rowcount
+            if changed and outcome.kind == "dead":
                 conn.execute(
                     "INSERT INTO dead_letters (agent, job_id, fire_at, schedule_id, "
                     "callback_url, attempts, last_status, last_error, dead_at) "
@@ -436,44 +524,36 @@ class NASStore:
                         arm.fire_at,
                         arm.schedule_id,
                         arm.callback_url,
-                        attempt,
-                        status_code,
-                        error,
-                        now,
+                        outcome.attempt,
+                        outcome.status_code,
+                        outcome.error,
+                        outcome.at,
                     ),
                 )
-            outcome = "dead" if removed else "superseded"
-            self._record(conn, arm, attempt, now, status_code, error, outcome)
-        return removed > 0
-
-    @staticmethod
-    def _record(
-        conn: sqlite3.Connection,
-        arm: Arm,
-        attempt: int,
-        now: float,
-        status_code: int | None,
-        error: str | None,
-        outcome: str,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO deliveries (agent, job_id, fire_at, schedule_id, attempt, attempted_at, "
-            "status_code, error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                arm.agent,
-                arm.job_id,
-                arm.fire_at,
-                arm.schedule_id,
-                attempt,
-                now,
-                status_code,
-                error,
-                outcome,
-            ),
+            applied.append(changed > 0)
+            attempts.append(
+                (
+                    arm.agent,
+                    arm.job_id,
+                    arm.fire_at,
+                    arm.schedule_id,
+                    outcome.attempt,
+                    outcome.at,
+                    outcome.status_code,
+                    outcome.error,
+                    outcome.kind if changed else "superseded",
+                )
+            )
+        conn.executemany(
+            "INSERT INTO deliveries (agent, job_id, fire_at, schedule_id, attempt, "
+            "attempted_at, status_code, error, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            attempts,
         )
+        return applied
 
     def deliveries(self, agent: str | None = None, job_id: str | None = None) -> list[Delivery]:
         """Recorded attempts, oldest first."""
+        self.flush()
         clauses, params = [], []
         if agent is not None:
             clauses.append("agent = ?")
@@ -494,6 +574,7 @@ class NASStore:
             return conn.execute("DELETE FROM deliveries WHERE attempted_at < ?", (before,)).rowcount
 
     def dead_letters(self, agent: str | None = None) -> list[DeadLetter]:
+        self.flush()
         where, params = ("WHERE agent = ?", (agent,)) if agent is not None else ("", ())
         rows = self._conn.execute(
             "SELECT agent, job_id, fire_at, schedule_id, callback_url, attempts, last_status, "
