@@ -48,11 +48,12 @@ def _delivered(nas: Nas, agent: str) -> tuple[int, float | None, float | None, i
     with contextlib.closing(nas.db()) as db:
         count, first, last = db.execute(
             "SELECT COUNT(*), MIN(attempted_at), MAX(attempted_at) FROM deliveries "
-            "WHERE agent = ? AND outcome = 'delivered'",
+            "WHERE agent = ? AND status_code BETWEEN 200 AND 299",
             (agent,),
         ).fetchone()
         failed = db.execute(
-            "SELECT COUNT(*) FROM deliveries WHERE agent = ? AND outcome != 'delivered'",
+            "SELECT COUNT(*) FROM deliveries "
+            "WHERE agent = ? AND (status_code IS NULL OR status_code NOT BETWEEN 200 AND 299)",
             (agent,),
         ).fetchone()[0]
     return int(count), first, last, int(failed)
@@ -175,7 +176,9 @@ def run(settings: Settings) -> Section:
         f"chronosd: {count} of {arms:,} delivered, {failed} attempts not acknowledged (retried "
         f"by the NAS), {activator.activations} socket activations (the first is the arming "
         f"start). Baseline: {base_count} delivered to the asyncio responder.",
-        "The NAS delivers at most 8 at a time to one agent (its max_in_flight_per_agent)."
+        "The NAS delivers at most 32 at a time to one agent (its max_in_flight_per_agent). "
+        "A delivery counts when the agent answered 2xx, including one the NAS records as "
+        "superseded because chronosd re-armed the job before the NAS had read its 202."
         + (" Quick run: 300 arms instead of 1,000." if settings.quick else ""),
     ]
     return section
