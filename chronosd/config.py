@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,8 @@ PREWAKE_MAX = 30.0
 
 @dataclass(frozen=True)
 class NasConfig:
+    """``[provider.nas]``: where the NAS is and how we call it."""
+
     url: str = ""
     callback_url: str = ""
     token_file: Path | None = None
@@ -67,6 +68,8 @@ class NasConfig:
 
 @dataclass(frozen=True)
 class ProviderConfig:
+    """``[provider]``: who keeps the timers (local, or the NAS)."""
+
     kind: Literal["local", "nas"] = "local"
     fallback_after: float = 600.0
     nas: NasConfig = field(default_factory=NasConfig)
@@ -74,6 +77,8 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
+    """``[auth]``: who may call ``POST /api/cron/fire``."""
+
     mode: Literal["jwt", "hmac", "none"] | None = None  # None: jwt with a NAS, none otherwise
     jwks_url: str = ""
     audience: str = ""
@@ -88,6 +93,8 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
+    """``[runner]``: how jobs are started."""
+
     max_concurrent: int = 4
     default_timeout: float = 3600.0
     default_command: tuple[str, ...] = ("hermes", "cron", "run", "{job_id}")
@@ -98,6 +105,8 @@ class RunnerConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of chronosd, from `load_config`."""
+
     jobs: Path = field(default_factory=default_jobs_path)
     state_dir: Path = field(default_factory=default_state_dir)
     timezone: str = "UTC"
@@ -247,6 +256,9 @@ def load_config(
     values: dict[tuple[str, ...], Any] = {}
     source = find_config_file(config_path, env)
     if source is not None:
+        # Imported here: without a config file (CHRONOSD_* only) the parser is not needed.
+        import tomllib
+
         try:
             raw = tomllib.loads(source.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -88,6 +87,8 @@ class Logger:
         self._emit("error", 40, event, kw)
 
     def exception(self, event: str, **kw: Any) -> None:
+        import traceback  # only when something failed: off the start-up path
+
         kw.setdefault("exception", traceback.format_exc().rstrip())
         self._emit("error", 40, event, kw)
 

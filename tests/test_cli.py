@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chronosd.cli import main
 from chronosd.jobs.validate import JobDefaults, schedule_key, validate_job
@@ -879,3 +881,175 @@ def test_list_imports_no_network_crypto_or_watch_modules(setup: Setup) -> None:
     }
     assert {"chronosd", "sqlite3", "zoneinfo", "json"} <= imported  # the probe sees imports
     assert imported.isdisjoint({"httpx", "jwt", "cryptography", "watchfiles"})
+
+
+# ---------------------------------------------------------------------- the run fast path
+# Tokens from which command lines are drawn: every option of `run` in both spellings, values
+# good and bad, other commands, abbreviations, help, "--" and stray words.
+RUN_TOKENS = [
+    "run",
+    "run",
+    "list",
+    "nas",
+    "--config",
+    "--config=/etc/c.toml",
+    "--conf",
+    "--jobs",
+    "--jobs=j.json",
+    "--state-dir",
+    "--state-dir=",
+    "--json",
+    "--json=yes",
+    "--log-level",
+    "--log-level=debug",
+    "--listen",
+    "--listen=127.0.0.1:0",
+    "--provider",
+    "--provider=nas",
+    "--idle-exit",
+    "--idle-exit=never",
+    "--help",
+    "-h",
+    "--version",
+    "--",
+    "debug",
+    "loud",
+    "local",
+    "nas",
+    "127.0.0.1:8787",
+    "5s",
+    "-1",
+    "-",
+    "",
+    "a b",
+    "x.toml",
+]
+
+
+def _full_parse(arguments: list[str]) -> dict[str, Any] | None:
+    """What the complete parser makes of *arguments*, or None when it refuses or exits."""
+    from chronosd import cli
+
+    parser = cli.build_parser()
+    options, job_argv = cli._split_argv(arguments)
+    try:
+        args, extra = parser.parse_known_args(options)
+    except SystemExit:
+        return None
+    if extra or job_argv:
+        return None
+    return vars(args)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(RUN_TOKENS), max_size=8))
+def test_run_fast_path_parses_exactly_as_argparse_or_leaves_it_to_argparse(
+    arguments: list[str],
+) -> None:
+    from chronosd import cli
+
+    fast = cli._parse_run(arguments)
+    if fast is None:
+        return
+    assert vars(fast) == _full_parse(arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["run"],
+        ["--config", "/etc/chronosd/chronosd.toml", "run"],
+        ["run", "--config", "c.toml", "--listen", "127.0.0.1:0", "--provider", "local"],
+        ["--json", "--log-level", "debug", "run", "--idle-exit", "never", "--jobs=j.json"],
+        ["--config", "run", "run"],  # a config file named "run"
+        ["--state-dir", "/a", "run", "--state-dir", "/b"],  # the later one wins, as in argparse
+    ],
+)
+def test_plain_run_command_lines_take_the_fast_path(
+    capsys: pytest.CaptureFixture[str], arguments: list[str]
+) -> None:
+    from chronosd import cli
+
+    fast = cli._parse_run(arguments)
+    assert fast is not None
+    assert vars(fast) == _full_parse(arguments)
+    capsys.readouterr()  # building the full parser prints nothing, but keep the capture clean
+
+
+@pytest.mark.parametrize(
+    ("arguments", "prefix"),
+    [
+        (["run", "--provider", "cloud"], "run: argument --provider: invalid choice: 'cloud'"),
+        (["run", "--bogus"], "run: unrecognized arguments: --bogus"),
+        (["run", "extra"], "run: unrecognized arguments: extra"),
+        (["run", "--listen"], "run: argument --listen: expected one argument"),
+        (["run", "--", "x"], "run: unrecognized arguments: -- x"),
+        (["--listen", "127.0.0.1:0", "run"], "usage: argument COMMAND: invalid choice"),
+    ],
+)
+def test_run_errors_are_worded_by_argparse_as_before(
+    setup: Setup, sub: Callable[..., Result], arguments: list[str], prefix: str
+) -> None:
+    result = sub(*arguments, base=False)
+    assert result.code == 2
+    assert_one_line_error(result, prefix)
+
+
+def test_run_help_still_comes_from_argparse(setup: Setup, sub: Callable[..., Result]) -> None:
+    result = sub("run", "--help", base=False)
+    assert result.code == 0
+    for option in ("--listen", "--provider", "--idle-exit", "--config", "--log-level"):
+        assert option in result.out
+
+
+def test_run_path_imports_neither_argparse_nor_other_commands(setup: Setup) -> None:
+    # A config the daemon refuses before it starts: the command line has been parsed by then.
+    bad = setup.tmp / "bad.toml"
+    bad.write_text('listen = "nowhere"\n')
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "chronosd", "--config", str(bad), "run"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=setup.env,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "listen 'nowhere' is not HOST:PORT" in done.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "chronosd.config" in imported  # the probe sees imports
+    assert not {
+        name
+        for name in imported
+        if name == "argparse" or name.startswith(("chronosd.nas", "chronosd.install"))
+    }
+
+
+def test_loading_the_daemon_pauses_the_collector_and_freezes_what_was_loaded() -> None:
+    import gc
+
+    from chronosd import cli
+
+    assert gc.isenabled()
+    gc.unfreeze()
+    try:
+        with cli._loading_without_collection():
+            assert not gc.isenabled()
+            loaded = [{"n": n} for n in range(100)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(loaded)
+        # A failed load turns the collector back on as well; one that was off stays off.
+        with pytest.raises(ImportError), cli._loading_without_collection():
+            raise ImportError("no such module")
+        assert gc.isenabled()
+        gc.disable()
+        with cli._loading_without_collection():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()

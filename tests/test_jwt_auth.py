@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,8 +18,9 @@ from typing import Any
 import anyio
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from chronosd.errors import ConfigError
@@ -543,3 +546,342 @@ async def test_make_authenticator_builds_jwt_from_auth_config(setup: Setup, ed: 
     assert result.ok
     with pytest.raises(ConfigError, match=r"auth\.audience"):
         make_authenticator("jwt", config=AuthConfig(jwks_url=setup.jwks.url), db=setup.db)
+
+
+# -- the compact JWS, taken apart by hand ----------------------------------------------------------
+
+
+def raw_signature(signer: Signer, data: bytes) -> bytes:
+    """The JWS signature of *data*, made with cryptography alone (no PyJWT)."""
+    if signer.alg == "EdDSA":
+        return bytes(signer.private.sign(data))
+    if signer.alg == "ES256":
+        r, s = decode_dss_signature(signer.private.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return bytes(signer.private.sign(data, padding.PKCS1v15(), hashes.SHA256()))
+
+
+def hand_token(signer: Signer, claims: Any, **header: Any) -> str:
+    head = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT", **header}
+    signing_input = f"{_segment(head)}.{_b64(json.dumps(claims).encode())}"
+    return f"{signing_input}.{_b64(raw_signature(signer, signing_input.encode()))}"
+
+
+def with_segment(token: str, index: int, segment: str) -> str:
+    parts = token.split(".")
+    parts[index] = segment
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize("which", ["ed", "rsa_signer", "es"])
+async def test_hand_signed_token_is_accepted_for_each_algorithm(
+    setup: Setup, which: str, request: pytest.FixtureRequest
+) -> None:
+    signer: Signer = request.getfixturevalue(which)
+    assert await check(setup.auth, hand_token(signer, setup.claims(jti=f"h-{which}"))) == (
+        True,
+        "",
+    )
+
+
+async def test_ed448_key_verifies_eddsa(setup: Setup) -> None:
+    private = ed448.Ed448PrivateKey.generate()
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    jwk = {"kty": "OKP", "crv": "Ed448", "x": _b64(public), "kid": "ed448-1"}
+    setup.jwks.keys.append(jwk)
+    signer = Signer("ed448-1", "EdDSA", private, jwk, b"")
+    assert (await check(setup.auth, hand_token(signer, setup.claims())))[0]
+
+
+@pytest.mark.parametrize("which", ["ed", "rsa_signer", "es"])
+async def test_tampered_signature_is_refused(
+    setup: Setup, which: str, request: pytest.FixtureRequest
+) -> None:
+    signer: Signer = request.getfixturevalue(which)
+    token = hand_token(signer, setup.claims())
+    signature = bytearray(base64.urlsafe_b64decode(token.split(".")[2] + "=="))
+    signature[len(signature) // 2] ^= 0x01
+    tampered = with_segment(token, 2, _b64(bytes(signature)))
+    assert await check(setup.auth, tampered) == (False, "signature mismatch")
+    # Cut short, or empty, it does not verify either.
+    assert await check(setup.auth, with_segment(token, 2, _b64(bytes(signature[:-4])))) == (
+        False,
+        "signature mismatch",
+    )
+    assert await check(setup.auth, with_segment(token, 2, "")) == (False, "signature mismatch")
+
+
+async def test_tampered_payload_is_refused(setup: Setup, ed: Signer) -> None:
+    token = hand_token(ed, setup.claims())
+    for claims in (setup.claims(exp=setup.clock.ts(3600)), setup.claims(purpose="other")):
+        forged = with_segment(token, 1, _b64(json.dumps(claims).encode()))
+        assert await check(setup.auth, forged) == (False, "signature mismatch")
+
+
+async def test_der_encoded_ecdsa_signature_is_refused(setup: Setup, es: Signer) -> None:
+    token = hand_token(es, setup.claims())
+    signing_input = token.rsplit(".", 1)[0].encode()
+    der = es.private.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+    assert await check(setup.auth, with_segment(token, 2, _b64(der))) == (
+        False,
+        "signature mismatch",
+    )
+
+
+async def test_alg_none_is_refused_whatever_it_carries(setup: Setup, ed: Signer) -> None:
+    for alg in ("none", "NONE", "", None):
+        header = {"alg": alg, "kid": ed.kid}
+        for signature in ("", _b64(b"anything")):
+            token = f"{_segment(header)}.{_segment(setup.claims())}.{signature}"
+            ok, reason = await check(setup.auth, token)
+            assert not ok
+            assert "not allowed" in reason
+    no_alg = f"{_segment({'kid': ed.kid})}.{_segment(setup.claims())}."
+    assert await check(setup.auth, no_alg) == (False, "algorithm None not allowed")
+    assert setup.jwks.requests == 0
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512", "hs256", "PS256", "ES512", "RS512"])
+async def test_algorithms_off_the_allow_list_are_refused(
+    setup: Setup, ed: Signer, alg: str
+) -> None:
+    raw_public = ed.private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    signing_input = f"{_segment({'alg': alg, 'kid': ed.kid})}.{_segment(setup.claims())}"
+    # An HMAC keyed with the raw public key, the most likely forgery for a verifier that
+    # lets the header choose how the key is used.
+    mac = hmac.new(raw_public, signing_input.encode(), hashlib.sha256).digest()
+    ok, reason = await check(setup.auth, f"{signing_input}.{_b64(mac)}")
+    assert not ok
+    assert "not allowed" in reason
+    assert setup.jwks.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("alg", "which"),
+    [
+        ("ES256", "ed"),
+        ("RS256", "ed"),
+        ("EdDSA", "es"),
+        ("RS256", "es"),
+        ("EdDSA", "rsa_signer"),
+        ("ES256", "rsa_signer"),
+    ],
+)
+async def test_alg_that_does_not_match_the_key_type_is_refused(
+    setup: Setup, alg: str, which: str, request: pytest.FixtureRequest
+) -> None:
+    holder: Signer = request.getfixturevalue(which)
+    # Signed correctly for *alg* with a key of that type, but naming a key of another type.
+    own = {
+        "EdDSA": request.getfixturevalue("ed"),
+        "ES256": request.getfixturevalue("es"),
+        "RS256": request.getfixturevalue("rsa_signer"),
+    }[alg]
+    token = hand_token(own, setup.claims(), kid=holder.kid)
+    ok, reason = await check(setup.auth, token)
+    assert not ok
+    assert reason == f"key {holder.kid!r} does not fit algorithm {alg}"
+
+
+async def test_jwk_that_names_another_alg_is_refused(setup: Setup, ed: Signer) -> None:
+    setup.jwks.keys.append({**ed.public_jwk, "kid": "ed-as-es", "alg": "ES256"})
+    ok, reason = await check(setup.auth, hand_token(ed, setup.claims(), kid="ed-as-es"))
+    assert (ok, reason) == (False, "key 'ed-as-es' does not fit algorithm EdDSA")
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 5])
+async def test_token_without_exactly_three_segments_is_refused(
+    setup: Setup, ed: Signer, count: int
+) -> None:
+    parts = hand_token(ed, setup.claims()).split(".")
+    token = ".".join((parts * 2)[:count])
+    assert await check(setup.auth, token) == (False, "malformed token")
+    assert setup.jwks.requests == 0
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda s: s + "=" * (-len(s) % 4 or 4), id="padding"),
+        pytest.param(lambda s: s[:-1] + "+", id="plus"),
+        pytest.param(lambda s: s[:-1] + "/", id="slash"),
+        pytest.param(lambda s: s[:5] + " " + s[5:], id="space"),
+        pytest.param(lambda s: s + "A" * ((1 - len(s)) % 4 or 4), id="length-1-mod-4"),
+        pytest.param(lambda s: s[:3] + "\u00e9" + s[4:], id="non-ascii"),
+    ],
+)
+async def test_segment_that_is_not_canonical_base64url_is_refused(
+    setup: Setup, ed: Signer, index: int, spoil: Callable[[str], str]
+) -> None:
+    token = hand_token(ed, setup.claims())
+    segment = token.split(".")[index]
+    assert await check(setup.auth, with_segment(token, index, spoil(segment))) == (
+        False,
+        "malformed token",
+    )
+
+
+async def test_stray_bits_in_the_last_base64_character_are_refused(
+    setup: Setup, ed: Signer
+) -> None:
+    token = hand_token(ed, setup.claims())
+    signature = token.split(".")[2]  # 64 bytes: 86 characters, the last holds 2 spare bits
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    stray = signature[:-1] + alphabet[last | 1]
+    assert base64.urlsafe_b64decode(stray + "==") == base64.urlsafe_b64decode(signature + "==")
+    assert await check(setup.auth, with_segment(token, 2, stray)) == (False, "malformed token")
+    assert (await check(setup.auth, token))[0]
+
+
+@pytest.mark.parametrize(
+    "header", ['["EdDSA"]', '"EdDSA"', "null", "7", "{", '{"alg": "EdDSA"'], ids=repr
+)
+async def test_header_that_is_not_a_json_object_is_refused(
+    setup: Setup, ed: Signer, header: str
+) -> None:
+    token = f"{_b64(header.encode())}.{_segment(setup.claims())}.{_b64(b'sig')}"
+    assert await check(setup.auth, token) == (False, "malformed token")
+
+
+@pytest.mark.parametrize("payload", [[1, 2], "claims", None, 42])
+async def test_signed_payload_that_is_not_a_json_object_is_refused(
+    setup: Setup, ed: Signer, payload: Any
+) -> None:
+    assert await check(setup.auth, hand_token(ed, payload)) == (
+        False,
+        "payload is not a JSON object",
+    )
+
+
+async def test_signed_payload_that_is_not_json_is_refused(setup: Setup, ed: Signer) -> None:
+    signing_input = f"{_segment({'alg': 'EdDSA', 'kid': ed.kid})}.{_b64(b'{not json')}"
+    token = f"{signing_input}.{_b64(raw_signature(ed, signing_input.encode()))}"
+    assert await check(setup.auth, token) == (False, "payload is not a JSON object")
+
+
+async def test_kid_that_is_not_a_string_is_refused(setup: Setup, ed: Signer) -> None:
+    for kid in (7, ["ed-1"], {"kid": "ed-1"}):
+        assert await check(setup.auth, hand_token(ed, setup.claims(), kid=kid)) == (
+            False,
+            "malformed token",
+        )
+
+
+async def test_critical_header_extensions_are_refused(setup: Setup, ed: Signer) -> None:
+    for extra in ({"crit": ["exp"], "exp": 1}, {"crit": ["b64"], "b64": False}, {"b64": False}):
+        ok, reason = await check(setup.auth, hand_token(ed, setup.claims(), **extra))
+        assert (ok, reason) == (False, "unsupported critical header")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"exp": None}, "missing claim exp"),
+        ({"aud": None}, "missing claim aud"),
+        ({"aud": ""}, "missing claim aud"),
+        ({"aud": []}, "missing claim aud"),
+        ({"iss": None}, "missing claim iss"),
+        ({"aud": ["agent:other", 7]}, "wrong audience"),
+        ({"aud": {"agent": AUDIENCE}}, "wrong audience"),
+        ({"aud": AUDIENCE.upper()}, "wrong audience"),
+        ({"iss": ["http://nas.test"]}, "wrong issuer"),
+        ({"iss": ISSUER + "/"}, "wrong issuer"),
+        ({"exp": True}, "exp is not a number"),
+        ({"exp": 1e400}, "exp is not a number"),
+        ({"nbf": "now"}, "nbf is not a number"),
+        ({"jti": 7}, "malformed jti"),
+        ({"jti": ""}, "malformed jti"),
+    ],
+)
+async def test_hand_made_bad_claims_are_refused(
+    setup: Setup, ed: Signer, overrides: dict[str, Any], expected: str
+) -> None:
+    claims = {**setup.claims(), **overrides}
+    claims = {name: value for name, value in claims.items() if value is not None}
+    assert await check(setup.auth, hand_token(ed, claims)) == (False, expected)
+
+
+async def test_unusable_jwk_is_refused(setup: Setup, ed: Signer, es: Signer) -> None:
+    setup.jwks.keys += [
+        {**ed.public_jwk, "kid": "short-x", "x": _b64(b"\x01" * 31)},
+        {**ed.public_jwk, "kid": "no-x", "x": None},
+        {**es.public_jwk, "kid": "off-curve", "y": _b64(b"\x01" * 32)},
+        {**es.public_jwk, "kid": "short-y", "y": _b64(b"\x01" * 31)},
+    ]
+    for kid, signer in (("short-x", ed), ("no-x", ed), ("off-curve", es), ("short-y", es)):
+        assert await check(setup.auth, hand_token(signer, setup.claims(), kid=kid)) == (
+            False,
+            f"key {kid!r} in the JWKS is unusable",
+        )
+
+
+async def test_key_replaced_under_the_same_kid_is_not_served_from_the_key_cache(
+    setup: Setup, ed: Signer
+) -> None:
+    assert (await check(setup.auth, hand_token(ed, setup.claims())))[0]
+    successor = _signer(ed.kid, "EdDSA", ed25519.Ed25519PrivateKey.generate(), OKPAlgorithm.to_jwk)
+    setup.jwks.keys[:] = [successor.public_jwk]
+    setup.clock.advance(86400 + 1)  # the cached JWKS is old: it is fetched again
+    assert (await check(setup.auth, hand_token(successor, setup.claims())))[0]
+    assert setup.jwks.requests == 2
+    assert await check(setup.auth, hand_token(ed, setup.claims())) == (False, "signature mismatch")
+
+
+def test_verifying_a_fire_token_does_not_import_pyjwt_or_x509(
+    state: StateDB, ed: Signer, tmp_path: Path
+) -> None:
+    now = utc_now().replace(microsecond=0)
+    state.set_meta(
+        JWKS_CACHE_KEY,
+        json.dumps(
+            {
+                "url": "http://127.0.0.1:9/jwks.json",
+                "fetched_at": now.isoformat(),
+                "jwks": {"keys": [ed.public_jwk]},
+            }
+        ),
+    )
+    stamp = int(now.timestamp())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "purpose": "cron_fire", "exp": stamp + 90}
+    token = hand_token(ed, claims)
+    script = f"""
+import sys, anyio
+from pathlib import Path
+from chronosd.http.jwt_auth import JwtAuth
+from chronosd.state import StateDB
+from tests.test_jwt_auth import fire_request
+
+db = StateDB.open(Path({str(tmp_path / "state")!r}))
+auth = JwtAuth(jwks_url="http://127.0.0.1:9/jwks.json", audience={AUDIENCE!r},
+               issuer={ISSUER!r}, db=db)
+result = anyio.run(auth.verify, fire_request("Bearer " + {token!r}))
+heavy = sorted(m for m in sys.modules if m == "jwt" or m.startswith(("jwt.", "cryptography.x509")))
+print(result.ok, result.reason, heavy)
+"""
+    # The test module imports PyJWT, so the check runs in a fresh interpreter that does not.
+    script = script.replace("from tests.test_jwt_auth import fire_request", _FIRE_REQUEST_SOURCE)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "[]"]
+
+
+_FIRE_REQUEST_SOURCE = """
+from chronosd.http.server import Request
+
+def fire_request(authorization):
+    return Request("POST", "/api/cron/fire", "/api/cron/fire", "", (("authorization",
+                   authorization),), b"{}", ("127.0.0.1", 1))
+"""

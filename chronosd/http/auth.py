@@ -2,8 +2,8 @@
 
 Every mode is a class with ``async verify(request) -> AuthResult``, built by
 `make_authenticator`. ``hmac`` and ``none`` live here; ``jwt`` (JWKS-verified tokens from the
-NAS) is `chronosd.http.jwt_auth.JwtAuth`, imported lazily by the factory so that PyJWT and
-cryptography stay off the start-up path.
+NAS) is `chronosd.http.jwt_auth.JwtAuth`, imported lazily by the factory so that the other
+modes never load it (nor, through it, cryptography).
 
 A refusal's ``reason`` is for the log only: the route answers every refusal with the same
 ``401 {"error": "invalid fire token"}`` so a caller learns nothing from probing.
@@ -35,6 +35,8 @@ _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 @dataclass(frozen=True)
 class AuthResult:
+    """Whether a fire call may proceed, and why not."""
+
     ok: bool
     reason: str = ""  # for logs only, never echoed to clients
 

@@ -10,22 +10,28 @@ cannot both win it.
 Why the algorithm is decided here and not by the token: a verifier that lets the token's
 ``alg`` pick how the key is used can be made to check an HMAC made with the *public* key as the
 secret. The token's ``alg`` must be on the allow-list (EdDSA, ES256, RS256), the JWK's type and
-curve must fit it, and PyJWT is only ever given that one algorithm with that one key.
+curve must fit it, and the key is only ever used for that one algorithm.
 
-Times (``exp``, ``nbf``, ``iat``) are checked here against *clock*, not by PyJWT, which would
-read the system clock itself. PyJWT, httpx and cryptography are imported on first use so they
-stay off the start-up path.
+The compact JWS is taken apart here rather than by PyJWT: ``import jwt`` loads
+``cryptography.x509`` and every algorithm family (tens of milliseconds) on every wake-up,
+although a fire token needs one signature check. Each segment must be canonical base64url
+without padding; the signature is checked with the narrowest part of cryptography that can
+(``ed25519``; ``ec`` or ``rsa`` only when such a key is used), before the payload is parsed.
+The claims are then checked as PyJWT would (``exp``, ``aud``, ``iss`` required, audience and
+issuer compared exactly) and the times (``exp``, ``nbf``, ``iat``) against *clock*. httpx and
+cryptography are imported on first use so they stay off the start-up path.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio
 
@@ -56,6 +62,11 @@ _KEY_SHAPES: Final[Mapping[str, tuple[str, frozenset[str] | None]]] = {
     "RS256": ("RSA", None),
 }
 
+# base64url without padding (RFC 7515 section 2); canonical form is checked after decoding.
+_BASE64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+# Constructed public keys, by the JWK material they came from; a bound, not an expectation.
+_MAX_CACHED_KEYS: Final = 64
+
 JWK = dict[str, Any]
 
 
@@ -79,8 +90,139 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-@dataclass(frozen=True)
-class _KeySet:
+def _b64decode(segment: str) -> bytes | None:
+    """The bytes of a base64url segment, or None unless it is canonical and unpadded.
+
+    Canonical: re-encoding gives the same text, so no two spellings (padding, stray bits in the
+    last character) name the same token.
+    """
+    if len(segment) % 4 == 1 or not _BASE64URL.fullmatch(segment):
+        return None
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+        return None
+    return data
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class _Token(NamedTuple):
+    """A compact JWS split into its parts; nothing in it is verified yet.
+
+    A NamedTuple, as `_KeySet`: defined on every wake-up, where a dataclass costs ~1 ms.
+    """
+
+    header: dict[str, Any]
+    payload: bytes  # decoded from base64url, parsed only once the signature holds
+    signing_input: bytes
+    signature: bytes
+
+    @classmethod
+    def parse(cls, token: str) -> _Token | None:
+        parts = token.split(".")
+        if len(parts) != 3 or not token.isascii():
+            return None
+        decoded = [_b64decode(part) for part in parts]
+        head, payload, signature = decoded
+        if head is None or payload is None or signature is None:
+            return None
+        header = _json_object(head)
+        if header is None:
+            return None
+        return cls(header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def _jwk_bytes(jwk: JWK, name: str) -> bytes:
+    """A base64url member of a JWK (trailing padding tolerated); ValueError when malformed."""
+    value = jwk.get(name)
+    data = _b64decode(value.rstrip("=")) if isinstance(value, str) else None
+    if not data:
+        raise ValueError(f"JWK member {name} is missing or not base64url")
+    return data
+
+
+def _jwk_material(jwk: JWK, alg: str) -> tuple[str, ...]:
+    """What identifies the public key in *jwk* for *alg*: the cache key for `_public_key`."""
+    members = {"EdDSA": ("crv", "x"), "ES256": ("crv", "x", "y"), "RS256": ("n", "e")}[alg]
+    return (alg, *(str(jwk.get(name)) for name in members))
+
+
+def _public_key(jwk: JWK, alg: str) -> Any:
+    """The cryptography public key for *jwk* (which `_fits` *alg*); ValueError when unusable.
+
+    Only the public members are read: a JWKS that also publishes ``d`` is not used to sign.
+    """
+    if alg == "EdDSA":
+        x = _jwk_bytes(jwk, "x")
+        if jwk.get("crv") == "Ed448":
+            from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+
+            return Ed448PublicKey.from_public_bytes(x)
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        return Ed25519PublicKey.from_public_bytes(x)
+    if alg == "ES256":
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        x, y = _jwk_bytes(jwk, "x"), _jwk_bytes(jwk, "y")
+        if len(x) != 32 or len(y) != 32:
+            raise ValueError("P-256 coordinates must be 32 bytes")
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+        )
+        return numbers.public_key()
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    e = int.from_bytes(_jwk_bytes(jwk, "e"), "big")
+    n = int.from_bytes(_jwk_bytes(jwk, "n"), "big")
+    return rsa.RSAPublicNumbers(e, n).public_key()
+
+
+def _signature_holds(key: Any, alg: str, signature: bytes, signing_input: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        if alg == "EdDSA":
+            key.verify(signature, signing_input)
+        elif alg == "ES256":
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import ec
+            from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+            # JWS carries ECDSA as the raw pair r || s, 32 bytes each (RFC 7518 3.4).
+            if len(signature) != 64:
+                return False
+            r = int.from_bytes(signature[:32], "big")
+            s = int.from_bytes(signature[32:], "big")
+            key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+        else:
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import padding
+
+            key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _check_audience(claims: Mapping[str, Any], audience: str) -> str | None:
+    """PyJWT's audience rule: a string, or a list of strings, that names ours."""
+    value = claims.get("aud")
+    if not value:
+        return "missing claim aud"
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "wrong audience"
+    return None if audience in names else "wrong audience"
+
+
+class _KeySet(NamedTuple):
     """One JWKS as fetched: the keys that have a ``kid``, and those that do not."""
 
     by_kid: Mapping[str, JWK]
@@ -171,6 +313,7 @@ class JwtAuth:
         self._http_timeout = http_timeout
         self._cache_max_age = cache_max_age
         self._keys: _KeySet | None = None
+        self._public_keys: dict[tuple[str, ...], Any] = {}
         self._fetch_lock: anyio.Lock | None = None
         # One rate-limit row per JWKS URL, so changing the URL is not held back by the old one.
         self._fetch_slot = "jwks-fetch:" + hashlib.sha256(jwks_url.encode()).hexdigest()[:32]
@@ -196,18 +339,20 @@ class JwtAuth:
         if len(token) > _MAX_TOKEN_CHARS:
             return AuthResult(False, "bearer token too long")
 
-        import jwt
-
-        try:
-            head = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        parsed = _Token.parse(token)
+        if parsed is None:
             return AuthResult(False, "malformed token")
+        head = parsed.header
+        kid = head.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            return AuthResult(False, "malformed token")
+        # No JWS extension is understood here, so a critical one must refuse (RFC 7515 4.1.11);
+        # b64=false would change what was signed (RFC 7797).
+        if "crit" in head or head.get("b64", True) is not True:
+            return AuthResult(False, "unsupported critical header")
         alg = head.get("alg")
         if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             return AuthResult(False, f"algorithm {_show(alg)} not allowed")
-        kid = head.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            return AuthResult(False, "malformed kid in token header")
 
         now = self._clock()
         jwk = await self._key_for(kid, alg, now)
@@ -215,38 +360,32 @@ class JwtAuth:
             return AuthResult(False, jwk)
         if not _fits(jwk, alg):
             return AuthResult(False, f"key {_show(kid)} does not fit algorithm {alg}")
-        try:
-            key = jwt.PyJWK(jwk, algorithm=alg).key
-        except jwt.PyJWTError:
-            return AuthResult(False, f"key {_show(kid)} in the JWKS is unusable")
-        if alg == "RS256" and getattr(key, "key_size", 0) < _MIN_RSA_BITS:
+        material = _jwk_material(jwk, alg)
+        key = self._public_keys.get(material)
+        if key is None:
+            try:
+                key = _public_key(jwk, alg)
+            except (ValueError, TypeError, OverflowError):
+                return AuthResult(False, f"key {_show(kid)} in the JWKS is unusable")
+            if len(self._public_keys) >= _MAX_CACHED_KEYS:
+                self._public_keys.clear()
+            self._public_keys[material] = key
+        if alg == "RS256" and key.key_size < _MIN_RSA_BITS:
             return AuthResult(False, f"key {_show(kid)} is shorter than {_MIN_RSA_BITS} bits")
-
-        try:
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=[alg],  # exactly one, from the allow-list, fitting the key
-                audience=self._audience,
-                issuer=self._issuer,
-                options={
-                    "require": ["exp", "aud", "iss"],
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_sub": False,
-                },
-            )
-        except jwt.InvalidSignatureError:
+        if not _signature_holds(key, alg, parsed.signature, parsed.signing_input):
             return AuthResult(False, "signature mismatch")
-        except jwt.MissingRequiredClaimError as exc:
-            return AuthResult(False, f"missing claim {exc.claim}")
-        except jwt.InvalidAudienceError:
-            return AuthResult(False, "wrong audience")
-        except jwt.InvalidIssuerError:
+
+        claims = _json_object(parsed.payload)
+        if claims is None:
+            return AuthResult(False, "payload is not a JSON object")
+        for name in ("exp", "aud", "iss"):
+            if claims.get(name) is None:
+                return AuthResult(False, f"missing claim {name}")
+        if claims["iss"] != self._issuer:
             return AuthResult(False, "wrong issuer")
-        except jwt.PyJWTError as exc:
-            return AuthResult(False, f"invalid token ({type(exc).__name__})")
+        refusal = _check_audience(claims, self._audience)
+        if refusal is not None:
+            return AuthResult(False, refusal)
         return self._check_claims(claims, now)
 
     def _check_claims(self, claims: dict[str, Any], now: datetime) -> AuthResult:
