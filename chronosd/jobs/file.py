@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -382,6 +381,8 @@ def _exclusive_lock(path: Path, lock_path: Path, timeout: float) -> Iterator[Non
 
 
 def _write_atomically(path: Path, data: bytes, original: os.stat_result | None) -> None:
+    import tempfile  # only writers need it; it pulls in shutil, bz2, lzma and random
+
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:

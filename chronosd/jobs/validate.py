@@ -12,7 +12,6 @@ can edit in place. ``null`` in an optional field means "use the default".
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import json
@@ -806,6 +805,8 @@ class _Checker:
         for key in self.record:
             if key in _KNOWN or (is_hermes and hermes.is_ignored_key(key)):
                 continue
+            import difflib  # only for the did-you-mean hint of an unknown field
+
             hint = difflib.get_close_matches(key, KNOWN_FIELDS, n=1, cutoff=0.75)
             suggestion = f'; did you mean "{hint[0]}"?' if hint else "; remove it if it is a typo"
             self.warning(key, f"unknown field is ignored{suggestion}")
