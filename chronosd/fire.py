@@ -144,6 +144,7 @@ class Engine:
         self.request_reconcile = request_reconcile
         self.max_horizon = max_horizon
         self.jobs: dict[str, Job] = {}
+        self._applied_states: dict[str, JobState] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(config.runner.max_concurrent)
         self._running: dict[str, list[RunControl]] = {}
@@ -206,13 +207,19 @@ class Engine:
                 js = self._replan(job, js, now)
                 self.db.put_job(js)
                 touched.add(job.id)
+                states[job.id] = js
             elif js.spec_hash != job.spec_hash or (js.next_fire is None) != (
                 not job.active or js.completed
             ):
                 js = self._replan(job, js, now, keep_next=True)
                 self.db.put_job(js)
                 touched.add(job.id)
+                states[job.id] = js
         self.jobs = {job.id: job for job in jobs}
+        if reconcile_all:
+            # Start-up: what job_state now holds, for the catch-up that follows at once
+            # (reading 10,000 rows again costs more than everything else catch-up does).
+            self._applied_states = states
         # A re-anchor can make a remembered delivery stale: map deliveries afresh.
         self._known.clear()
         if reconcile_all:
@@ -286,7 +293,9 @@ class Engine:
         """
         now = _whole(now or self.clock())
         touched: list[str] = []
-        states = self.db.all_jobs()
+        states, self._applied_states = self._applied_states, None
+        if states is None:
+            states = self.db.all_jobs()
         for job in self.jobs.values():
             if not job.active:
                 continue
