@@ -1,4 +1,8 @@
-"""The lean HTTP/1.1 client (chronosd.http.client) against real servers on 127.0.0.1."""
+"""chronosd's HTTP/1.1 client (chronosd.http.client) against real servers on 127.0.0.1.
+
+It serves the NAS provider and the reference NAS's fire calls; what is particular to those is
+tested in test_nas_provider.py and test_nas_delivery.py, its bytes in test_http_wire.py.
+"""
 
 from __future__ import annotations
 
@@ -260,6 +264,18 @@ async def test_a_server_closing_between_requests_costs_a_new_connection_not_an_e
     assert served.connection_ids() == [0, 1]
 
 
+async def test_a_connection_idle_past_the_keepalive_expiry_is_closed_not_reused() -> None:
+    async with script_server(keep_answering()) as served:
+        client = client_for(served.url, keepalive_expiry=0.0)
+        with anyio.fail_after(WAIT):
+            await client.request("GET", "/1")
+            await anyio.sleep(0.01)
+            await client.request("GET", "/2")
+            await served.closed.wait()  # the expired connection, closed by the client
+        await client.aclose()
+    assert served.connection_ids() == [0, 1]
+
+
 async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_one() -> None:
     async def script(conv: Conversation) -> None:
         if not await conv.read_request():
@@ -362,6 +378,25 @@ async def test_a_cancelled_request_drops_its_connection() -> None:
 
 
 # -- timeouts and failures ---------------------------------------------------------------------
+
+
+async def test_a_header_that_would_break_the_head_is_refused_before_sending() -> None:
+    async with script_server(keep_answering()) as served:
+        client = client_for(served.url)
+        with anyio.fail_after(WAIT), pytest.raises(RequestFailed, match="cannot send"):
+            await client.request("GET", "/x", headers=[("authorization", "Bearer x\r\nx: 1")])
+        await client.aclose()
+    assert served.connections == 0
+
+
+async def test_a_body_over_the_cap_is_a_failure_and_drops_the_connection() -> None:
+    async with script_server(keep_answering(body=b"x" * 100)) as served:
+        client = client_for(served.url, max_body=99)
+        with anyio.fail_after(WAIT):
+            with pytest.raises(RequestFailed, match="over 99 bytes"):
+                await client.request("GET", "/big")
+            await served.closed.wait()
+        await client.aclose()
 
 
 async def test_a_slow_server_hits_the_timeout() -> None:

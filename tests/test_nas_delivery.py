@@ -26,7 +26,13 @@ import pytest
 from anyio.streams.tls import TLSListener
 
 from chronosd.http.server import HTTPServer, Limits, Request, Response, bind_listener
-from chronosd.nas.delivery import AgentConnections, DeliveryError, FireTarget, fire_target
+from chronosd.nas.delivery import (
+    AgentConnections,
+    DeliveryError,
+    DeliveryTimedOut,
+    FireTarget,
+    fire_target,
+)
 from chronosd.nas.serve import NASOptions, RunningNAS, run_nas
 from chronosd.nas.store import NASStore
 from chronosd.timefmt import to_wire
@@ -85,8 +91,8 @@ class FakeAgent:
     """Answers every request with *status*; counts connections and records requests."""
 
     status: int = 202
-    keep_alive: bool = True
-    close_after_each: bool = False  # close without saying so, as an agent's idle timeout does
+    retry_after: str | None = None
+    silent: bool = False  # read the request, never answer
     url: str = ""
     accepted: int = 0
     open: int = 0
@@ -115,8 +121,10 @@ class FakeAgent:
                     assert request is not None
                     headers = {k.decode(): v.decode() for k, v in request.headers}
                     self.requests.append((request.target.decode(), headers, body))
+                    if self.silent:
+                        await anyio.sleep(WAIT)
                     await stream.send(self._response(conn))
-                    if self.close_after_each or conn.our_state is not h11.DONE:
+                    if conn.our_state is not h11.DONE:
                         break
                     conn.start_next_cycle()
                 else:
@@ -128,8 +136,8 @@ class FakeAgent:
     def _response(self, conn: h11.Connection) -> bytes:
         payload = b'{"status":"accepted"}'
         headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
-        if not self.keep_alive:
-            headers.append(("connection", "close"))
+        if self.retry_after is not None:
+            headers.append(("retry-after", self.retry_after))
         head = conn.send(h11.Response(status_code=self.status, headers=headers)) or b""
         return (
             head
@@ -166,6 +174,10 @@ def no_tls() -> ssl.SSLContext:
     raise AssertionError("no TLS context is needed for http")
 
 
+def pool_for(tls_context: Callable[[], ssl.SSLContext] = no_tls) -> AgentConnections:
+    return AgentConnections(tls_context=tls_context, timeout=WAIT)
+
+
 async def post(pool: AgentConnections, agent: FakeAgent, job_id: str = "j1") -> int:
     body = json.dumps({"job_id": job_id, "fire_at": "2030-01-01T00:00:00+00:00"}).encode()
     with anyio.fail_after(WAIT):
@@ -173,12 +185,12 @@ async def post(pool: AgentConnections, agent: FakeAgent, job_id: str = "j1") -> 
     return reply.status
 
 
-# -- the client --------------------------------------------------------------------------------
+# -- the fire calls (the HTTP itself is tested in test_http_client.py) --------------------------
 
 
 async def test_consecutive_fires_to_an_agent_share_one_connection() -> None:
     async with fake_agent(FakeAgent()) as agent:
-        pool = AgentConnections(tls_context=no_tls)
+        pool = pool_for()
         statuses = [await post(pool, agent, f"j{i}") for i in range(5)]
         assert statuses == [202] * 5
         assert agent.accepted == 1
@@ -193,55 +205,53 @@ async def test_consecutive_fires_to_an_agent_share_one_connection() -> None:
         await eventually(lambda: agent.open == 0)
 
 
-async def test_connection_the_agent_closed_meanwhile_is_replaced_without_a_failure() -> None:
-    async with fake_agent(FakeAgent(close_after_each=True)) as agent:
-        pool = AgentConnections(tls_context=no_tls)
-        for index in range(4):
-            assert await post(pool, agent, f"j{index}") == 202
-            await eventually(lambda: agent.open == 0)  # closed behind the client's back
-        assert agent.accepted == 4
-        assert len(agent.requests) == 4
+async def test_callbacks_on_two_origins_get_their_own_connections_closed_together() -> None:
+    async with fake_agent(FakeAgent()) as first, fake_agent(FakeAgent()) as second:
+        pool = pool_for()
+        assert [await post(pool, first), await post(pool, second), await post(pool, first)] == [
+            202,
+            202,
+            202,
+        ]
+        assert (first.accepted, second.accepted, len(first.requests)) == (1, 1, 2)
         await pool.aclose()
-
-
-async def test_connection_close_in_the_response_is_honoured() -> None:
-    async with fake_agent(FakeAgent(keep_alive=False)) as agent:
-        pool = AgentConnections(tls_context=no_tls)
-        assert [await post(pool, agent) for _ in range(3)] == [202, 202, 202]
-        assert agent.accepted == 3
-        await eventually(lambda: agent.open == 0)
-        await pool.aclose()
-
-
-async def test_connection_idle_past_the_expiry_is_closed_not_reused() -> None:
-    async with fake_agent(FakeAgent()) as agent:
-        pool = AgentConnections(tls_context=no_tls, keepalive_expiry=0.0)
-        assert await post(pool, agent) == 202
-        await anyio.sleep(0.01)
-        assert await post(pool, agent) == 202
-        assert agent.accepted == 2
-        await eventually(lambda: agent.open == 1)  # the expired one was closed
-        await pool.aclose()
-        await eventually(lambda: agent.open == 0)
+        await eventually(lambda: first.open == second.open == 0)
 
 
 async def test_status_of_a_failed_fire_is_reported_with_retry_after() -> None:
-    async with fake_agent(FakeAgent(status=503)) as agent:
-        pool = AgentConnections(tls_context=no_tls)
+    async with fake_agent(FakeAgent(status=503, retry_after="30")) as agent:
+        pool = pool_for()
         body = b'{"job_id":"j1","fire_at":"2030-01-01T00:00:00+00:00"}'
         reply = await pool.post_json(fire_target(agent.url), body, "Bearer x")
-        assert reply.status == 503
-        assert reply.retry_after is None
+        assert (reply.status, reply.retry_after) == (503, "30")
         await pool.aclose()
 
 
-async def test_refused_connection_is_a_delivery_error() -> None:
+async def test_refused_connection_is_a_delivery_error_naming_the_agent() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    pool = AgentConnections(tls_context=no_tls)
-    with pytest.raises(DeliveryError, match=r"connecting to 127\.0\.0\.1"):
+    pool = pool_for()
+    with pytest.raises(DeliveryError, match=rf"127\.0\.0\.1:{port}: cannot connect") as caught:
         await pool.post_json(fire_target(f"http://127.0.0.1:{port}"), b"{}", "Bearer x")
+    assert not isinstance(caught.value, DeliveryTimedOut)
+
+
+async def test_an_agent_silent_past_the_timeout_is_a_timed_out_delivery() -> None:
+    async with fake_agent(FakeAgent(silent=True)) as agent:
+        pool = AgentConnections(tls_context=no_tls, timeout=0.2)
+        with anyio.fail_after(WAIT), pytest.raises(DeliveryTimedOut, match=r"within 0\.2 s"):
+            await pool.post_json(fire_target(agent.url), b"{}", "Bearer x")
+        await pool.aclose()
+
+
+async def test_an_authorization_that_would_break_the_head_is_a_delivery_error() -> None:
+    async with fake_agent(FakeAgent()) as agent:
+        pool = pool_for()
+        with pytest.raises(DeliveryError, match="cannot send the request"):
+            await pool.post_json(fire_target(agent.url), b"{}", "Bearer x\r\nx-evil: 1")
+        assert agent.requests == []
+        await pool.aclose()
 
 
 def self_signed() -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -287,16 +297,16 @@ def self_signed() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-async def test_https_callback_is_called_over_verified_tls() -> None:
+async def test_https_callback_is_called_over_tls_verified_with_the_given_context() -> None:
     server_tls, client_tls = self_signed()
     async with fake_agent(FakeAgent(), tls=server_tls) as agent:
-        pool = AgentConnections(tls_context=lambda: client_tls)
+        pool = pool_for(lambda: client_tls)
         assert [await post(pool, agent) for _ in range(3)] == [202, 202, 202]
         assert agent.accepted == 1  # kept alive over TLS too
         await pool.aclose()
 
-        untrusting = AgentConnections(tls_context=ssl.create_default_context)
-        with pytest.raises(DeliveryError, match="TLS"):
+        untrusting = pool_for(ssl.create_default_context)
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
             await post(untrusting, agent)
         assert len(agent.requests) == 3
 

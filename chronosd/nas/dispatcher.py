@@ -8,10 +8,10 @@ to any one agent (each fire may start a job; a socket-activated agent may accept
 connections before it runs). A provision or cancel that touches a queued arm takes it out of
 the queue, so an arm is never delivered in a version older than the one read at its start.
 
-Each agent with deliveries under way has its own `AgentConnections`: kept-alive connections
-reused through a burst, closed as soon as nothing is in flight or queued for that agent. A
-socket-activated agent counts an open connection as activity, so a connection left idle would
-keep it awake.
+Each agent with deliveries under way has its own `AgentConnections` (the shared HTTP client,
+`chronosd.http.client`, per origin): kept-alive connections reused through a burst, closed as
+soon as nothing is in flight or queued for that agent. A socket-activated agent counts an open
+connection as activity, so a connection left idle would keep it awake.
 
 A 2xx is a delivery; anything else is retried with exponential backoff (doubling from
 ``backoff_base`` up to ``backoff_cap``, or what ``Retry-After`` asks for) until
@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from chronosd.nas.delivery import AgentConnections, DeliveryError, fire_target
+from chronosd.nas.delivery import AgentConnections, DeliveryError, DeliveryTimedOut, fire_target
 from chronosd.nas.keys import KeyRing
 from chronosd.nas.store import Arm, NASStore, Outcome
 
@@ -294,7 +294,10 @@ class Dispatcher:
         pool = self._connections.get(agent)
         if pool is None:
             pool = self._connections[agent] = AgentConnections(
-                tls_context=self._tls_context, keepalive_expiry=self._keepalive_expiry
+                tls_context=self._tls_context,
+                timeout=self._timeout,
+                keepalive_expiry=self._keepalive_expiry,
+                max_idle=self._max_per_agent,
             )
         return pool
 
@@ -353,7 +356,8 @@ class Dispatcher:
                 )
             status = reply.status
             retry_after = parse_retry_after(reply.retry_after, now=self._clock())
-        except TimeoutError:
+        except (TimeoutError, DeliveryTimedOut):
+            # The client's own timeouts (connect, send, each read) are this one too.
             error = f"no answer within {self._timeout:g}s"
         except DeliveryError as exc:
             error = str(exc)[:_MAX_ERROR_LENGTH]

@@ -14,9 +14,10 @@ Failures are sorted for the caller, which owns retrying:
 - 429, 5xx, timeouts, connection errors, and a 2xx whose body breaks the contract ->
   `ProviderUnavailable`, with ``retry_after`` from the response's ``Retry-After`` when given.
 
-The HTTP client (`chronosd.http.client`, h11 over a few kept-alive anyio streams) is imported
-on first use: the fire path answers its 202 before anything is armed. httpx is not used here:
-it cost 2-4 ms of CPU per request, several times what the NAS spends on a provision.
+The HTTP client (`chronosd.http.client`, a lean HTTP/1.1 over a few kept-alive anyio streams,
+shared with the reference NAS's fire calls) is imported on first use: the fire path answers its
+202 before anything is armed. httpx is not used here: it cost 2-4 ms of CPU per request,
+several times what the NAS spends on a provision.
 """
 
 from __future__ import annotations

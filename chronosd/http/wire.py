@@ -1,75 +1,116 @@
-"""HTTP/1.1 for the fire call, without I/O: the request's bytes, and a parser for the response.
+"""The client side of HTTP/1.1 without I/O: a request's bytes, and a parser for the response.
 
-A fire call is always one small POST and its answer is a status line, a few headers and a
-few dozen bytes. h11 does both sides of every exchange with full generality, which costs
-more CPU than the rest of a delivery together (building and validating the request, then an
-event per part of the response); this module does only what the client side of a fire call
-needs. What it reads is what RFC 9112 allows a server to send: status lines of HTTP/1.0 and
-1.1, interim 1xx responses, bodies framed by ``Content-Length``, by chunked transfer coding or
-by the end of the connection, header and chunk lines ending in CRLF or a bare LF. Anything
-else is a `ResponseError`, and the connection is not used again.
+chronosd's calls (a provision to the NAS, a fire from the NAS) are small requests of a few
+known shapes whose answers are a status line, a few headers and a short JSON body. h11 does
+both sides of any exchange with full generality, and in these calls that cost more CPU than
+everything else together (validating every header of every event, then one event per part of
+the response); this module does only what a client needs. What it reads is what RFC 9112
+allows a server to send: status lines of HTTP/1.0 and 1.1, interim 1xx responses, bodies
+framed by ``Content-Length``, by chunked transfer coding or by the end of the connection,
+header and chunk lines ending in CRLF or a bare LF. Anything else is a `ResponseError`, and
+the connection is not used again. tests/test_http_wire.py checks it against h11.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
 
 MAX_HEAD = 65536
-MAX_BODY = 1 << 20  # an agent answers a few dozen bytes; more is a broken or hostile peer
 _MAX_LINE = 8192  # a chunk-size line or a trailer line
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-_SAFE = re.compile(r"[!-~]+")  # visible ASCII: nothing that could end a line or a field
+# What may stand in a request head, as RFC 9110 allows it (h11's rules): a method is a token;
+# a target is visible ASCII; a field value is visible characters (obs-text included) with
+# single spaces or tabs inside, nothing that could end a line or a field.
+_TOKEN_TEXT = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(r"[!-~]+")
+_FIELD_VALUE = re.compile(r"[!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*")  # or empty
 
 
 class ResponseError(ValueError):
     """The bytes received are not a valid HTTP/1.1 response."""
 
 
-def format_request(target: str, authority: str, authorization: str, body: bytes) -> bytes:
-    """The bytes of ``POST target`` with a JSON *body*; ValueError for unsafe field values."""
-    for value in (target, authority):
-        if not _SAFE.fullmatch(value):
-            raise ValueError(f"{value!r} is not safe in a request head")
-    if not _SAFE.fullmatch(authorization.replace(" ", "!", 1)):
-        raise ValueError("the authorization value is not safe in a request head")
-    head = (
-        f"POST {target} HTTP/1.1\r\n"
-        f"host: {authority}\r\n"
-        "user-agent: chronosd-nas\r\n"
-        "content-type: application/json\r\n"
-        "accept: application/json\r\n"
-        f"authorization: {authorization}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+class ResponseCutShort(ResponseError):
+    """The connection closed before the response was complete."""
 
 
-_State = Literal["head", "length", "size", "data", "data-end", "trailers", "close", "done"]
+def format_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The request line and header lines (CRLF each, no blank line); ValueError if unsafe."""
+    if not _TOKEN_TEXT.fullmatch(method):
+        raise ValueError(f"method {method!r} is not a token")
+    if not _TARGET.fullmatch(target):
+        raise ValueError(f"target {target!r} is not safe in a request line")
+    return f"{method} {target} HTTP/1.1\r\n".encode("ascii") + format_fields(headers)
 
 
-@dataclass
+def format_fields(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Header lines, CRLF each; ValueError for a name or value that would break the head."""
+    lines = []
+    for name, value in headers:
+        if not _TOKEN_TEXT.fullmatch(name):
+            raise ValueError(f"header name {name!r} is not a token")
+        if value and not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"the value of header {name!r} is not safe in a request head")
+        lines.append(f"{name}: {value}\r\n")
+    try:
+        return "".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("a header value is not latin-1") from None
+
+
+def finish_request(head: bytes, body: bytes | None) -> bytes:
+    """The whole request: *head* (from `format_head`), its framing, the blank line, *body*."""
+    if body is None:
+        return head + b"\r\n"
+    return b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
+
+
 class ResponseParser:
     """One response, fed in pieces; `feed` says when it is complete.
 
-    After completion: ``status``, ``retry_after`` (the raw header value), and ``keep_alive``
-    (the connection may carry the next request: HTTP/1.1, no ``Connection: close``, the body
-    not delimited by the close, and nothing received beyond the response).
+    After completion: ``status``, ``reason``, ``headers`` (names lower-case, in order),
+    `body`, and ``keep_alive`` (the connection may carry the next request: HTTP/1.1, no
+    ``Connection: close``, the body not delimited by the close, and nothing received beyond
+    the response).
     """
 
-    status: int = 0
-    retry_after: str | None = None
-    keep_alive: bool = True
-    received: int = 0  # bytes fed so far
-    _state: _State = "head"
-    _buffer: bytearray | None = None
-    _remaining: int = 0
-    _body: int = 0
+    __slots__ = (
+        "_body",
+        "_buffer",
+        "_chunks",
+        "_max_body",
+        "_no_body",
+        "_remaining",
+        "_state",
+        "headers",
+        "keep_alive",
+        "reason",
+        "received",
+        "status",
+    )
+
+    def __init__(self, *, max_body: int, head_request: bool = False) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.received = 0  # bytes fed so far
+        self._max_body = max_body
+        self._no_body = head_request  # the answer to HEAD has none, whatever its framing
+        # head, length, size, data, data-end, trailers, close, done
+        self._state = "head"
+        self._buffer: bytearray | None = None
+        self._chunks: list[bytes] = []
+        self._remaining = 0
+        self._body = 0
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
 
     def feed(self, data: bytes) -> bool:
         """Add *data* (``b""``: the peer closed); True once the response is complete."""
@@ -82,7 +123,7 @@ class ResponseParser:
             if self._state == "close":
                 self._state = "done"
                 return True
-            raise ResponseError("connection closed before the response was complete")
+            raise ResponseCutShort("connection closed before the response was complete")
         if self._buffer is None:
             self._buffer = bytearray(data)
         else:
@@ -98,13 +139,14 @@ class ResponseParser:
             if state == "head":
                 if not self._read_head(buffer):
                     return False
-            elif state == "length":
+            elif state == "length" or state == "data":
                 take = min(self._remaining, len(buffer))
+                self._chunks.append(bytes(buffer[:take]))
                 del buffer[:take]
                 self._remaining -= take
                 if self._remaining:
                     return False
-                self._state = "done"
+                self._state = "done" if state == "length" else "data-end"
             elif state == "size":
                 line = _take_line(buffer)
                 if line is None:
@@ -115,13 +157,6 @@ class ResponseParser:
                 self._remaining = int(size_text, 16)
                 self._count_body(self._remaining)
                 self._state = "data" if self._remaining else "trailers"
-            elif state == "data":
-                take = min(self._remaining, len(buffer))
-                del buffer[:take]
-                self._remaining -= take
-                if self._remaining:
-                    return False
-                self._state = "data-end"
             elif state == "data-end":
                 if buffer.startswith(b"\r\n"):
                     del buffer[:2]
@@ -140,6 +175,7 @@ class ResponseParser:
                     self._state = "done"
             elif state == "close":
                 self._count_body(len(buffer))
+                self._chunks.append(bytes(buffer))
                 buffer.clear()
                 return False
             else:
@@ -165,7 +201,8 @@ class ResponseParser:
                 raise ResponseError("the server switched protocols")
             return True  # interim response: the final one follows
         self.status = status
-        self.retry_after = _first(headers, b"retry-after")
+        self.reason = (match[3] or b"").decode("ascii", errors="ignore")
+        self.headers = headers
         if match[1] == b"0":
             self.keep_alive = False  # HTTP/1.0: the server closes after answering
         connection = b",".join(value for name, value in headers if name == b"connection")
@@ -173,7 +210,7 @@ class ResponseParser:
             self.keep_alive = False
         coding = [value for name, value in headers if name == b"transfer-encoding"]
         lengths = {value for name, value in headers if name == b"content-length"}
-        if status in (204, 304):
+        if self._no_body or status in (204, 304):
             self._state = "done"
         elif coding:
             codings = [c.strip().lower() for c in b",".join(coding).split(b",")]
@@ -196,8 +233,8 @@ class ResponseParser:
 
     def _count_body(self, size: int) -> None:
         self._body += size
-        if self._body > MAX_BODY:
-            raise ResponseError(f"response body over {MAX_BODY} bytes")
+        if self._body > self._max_body:
+            raise ResponseError(f"response body over {self._max_body} bytes")
 
 
 def _head_end(buffer: bytearray) -> tuple[int, int]:
@@ -228,13 +265,6 @@ def _parse_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
             raise ResponseError(f"invalid header line {line[:40]!r}")
         headers.append((name.lower(), value.strip(b" \t")))
     return headers
-
-
-def _first(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
-    for name, value in headers:
-        if name == wanted:
-            return value.decode("latin-1")
-    return None
 
 
 def _take_line(buffer: bytearray) -> bytes | None:

@@ -1,4 +1,4 @@
-"""The fire call's HTTP/1.1 bytes (chronosd.nas.wire), checked against h11 as the reference."""
+"""The HTTP client's bytes (chronosd.http.wire), checked against h11 as the reference."""
 
 from __future__ import annotations
 
@@ -7,9 +7,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chronosd.nas.wire import MAX_BODY, ResponseError, ResponseParser, format_request
+from chronosd.http.wire import (
+    ResponseCutShort,
+    ResponseError,
+    ResponseParser,
+    finish_request,
+    format_fields,
+    format_head,
+)
+
+MAX_BODY = 1 << 20
 
 BODY = b'{"job_id":"j1","fire_at":"2030-01-01T00:00:00+00:00"}'
+
+
+def format_request(target: str, authority: str, authorization: str, body: bytes | None) -> bytes:
+    head = format_head("POST", target, [("host", authority), ("content-type", "application/json")])
+    return finish_request(head + format_fields([("authorization", authorization)]), body)
 
 
 def test_request_is_a_complete_post_h11_reads_back() -> None:
@@ -19,16 +33,23 @@ def test_request_is_a_complete_post_h11_reads_back() -> None:
     request = server.next_event()
     assert isinstance(request, h11.Request)
     assert (request.method, request.target) == (b"POST", b"/prefix/api/cron/fire")
-    assert dict(request.headers) == {
-        b"host": b"agent.example:8443",
-        b"user-agent": b"chronosd-nas",
-        b"content-type": b"application/json",
-        b"accept": b"application/json",
-        b"authorization": b"Bearer a.b.c",
-        b"content-length": str(len(BODY)).encode(),
-    }
+    assert list(request.headers) == [
+        (b"host", b"agent.example:8443"),
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer a.b.c"),
+        (b"content-length", str(len(BODY)).encode()),
+    ]
     data = server.next_event()
     assert isinstance(data, h11.Data) and data.data == BODY
+    assert isinstance(server.next_event(), h11.EndOfMessage)
+
+
+def test_request_without_a_body_has_no_framing_and_h11_reads_it_whole() -> None:
+    raw = finish_request(format_head("GET", "/list?x=1", [("host", "nas")]), None)
+    assert raw == b"GET /list?x=1 HTTP/1.1\r\nhost: nas\r\n\r\n"
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(raw)
+    assert isinstance(server.next_event(), h11.Request)
     assert isinstance(server.next_event(), h11.EndOfMessage)
 
 
@@ -39,7 +60,8 @@ def test_request_is_a_complete_post_h11_reads_back() -> None:
         ("/a\r\nx: y", "agent.example", "Bearer x"),
         ("/", "agent.example\r\nx: y", "Bearer x"),
         ("/", "agent.example", "Bearer x\r\nx: y"),
-        ("/", "", "Bearer x"),
+        ("/", "agent.example", "Bearer x\x00"),
+        ("", "agent.example", "Bearer x"),
     ],
 )
 def test_request_refuses_values_that_would_break_the_head(
@@ -47,6 +69,17 @@ def test_request_refuses_values_that_would_break_the_head(
 ) -> None:
     with pytest.raises(ValueError, match="not safe"):
         format_request(target, authority, authorization, BODY)
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET PUT", []), ("POST", [("bad name", "x")]), ("POST", [("x", "\u20ac")])],
+)
+def test_request_refuses_bad_methods_names_and_non_latin1_values(
+    method: str, headers: list[tuple[str, str]]
+) -> None:
+    with pytest.raises(ValueError):
+        format_head(method, "/", headers)
 
 
 # -- responses: generated, cut at random places, read by both parsers -------------------------
@@ -110,7 +143,11 @@ def responses(draw: st.DrawFn) -> tuple[bytes, str]:
     return raw, framing
 
 
-def h11_reading(raw: bytes, framing: str) -> tuple[int, str | None, bool]:
+Reading = tuple[int, str, list[tuple[bytes, bytes]], bytes, bool]
+
+
+def h11_reading(raw: bytes, framing: str) -> Reading:
+    """(status, reason, headers, body, keep-alive) of the final response, as h11 reads it."""
     client = h11.Connection(h11.CLIENT)
     client.send(
         h11.Request(
@@ -124,20 +161,25 @@ def h11_reading(raw: bytes, framing: str) -> tuple[int, str | None, bool]:
     client.receive_data(raw)
     if framing == "close":
         client.receive_data(b"")
-    status, retry_after = 0, None
+    status, reason, headers, body = 0, "", [], b""
     while True:
         event = client.next_event()
         if isinstance(event, h11.Response):
-            status = event.status_code
-            found = [v.decode() for k, v in event.headers if k == b"retry-after"]
-            retry_after = found[0] if found else None
+            status, reason = event.status_code, event.reason.decode()
+            headers = list(event.headers)
+        elif isinstance(event, h11.Data):
+            body += event.data
         elif isinstance(event, h11.EndOfMessage):
             break
         assert event is not h11.NEED_DATA, "h11 wanted more: the generated response is short"
     keep_alive = client.their_state is h11.DONE and client.our_state is h11.DONE
     if framing == "close":
         keep_alive = False  # h11 says DONE at the end of the body; the close came with it
-    return status, retry_after, keep_alive
+    return status, reason, headers, body, keep_alive
+
+
+def parsed(parser: ResponseParser) -> Reading:
+    return parser.status, parser.reason, parser.headers, parser.body(), parser.keep_alive
 
 
 @settings(max_examples=300, deadline=None)
@@ -148,7 +190,7 @@ def test_response_cut_anywhere_reads_as_h11_reads_it(
     raw, framing = case
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
     pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
-    parser = ResponseParser()
+    parser = ResponseParser(max_body=MAX_BODY)
     fed = [parser.feed(piece) for piece in pieces if piece]
     if framing == "close":
         assert not any(fed)
@@ -156,11 +198,11 @@ def test_response_cut_anywhere_reads_as_h11_reads_it(
     else:
         # Complete with the last byte, not before.
         assert fed[-1] and not any(fed[:-1])
-    assert (parser.status, parser.retry_after, parser.keep_alive) == h11_reading(raw, framing)
+    assert parsed(parser) == h11_reading(raw, framing)
 
 
 def read(raw: bytes) -> ResponseParser:
-    parser = ResponseParser()
+    parser = ResponseParser(max_body=MAX_BODY)
     if not parser.feed(raw):
         raise AssertionError("response not complete")
     return parser
@@ -178,11 +220,24 @@ def test_chunk_lines_may_end_in_a_bare_line_feed() -> None:
 
 
 def test_close_delimited_body_completes_at_the_close() -> None:
-    parser = ResponseParser()
+    parser = ResponseParser(max_body=MAX_BODY)
     assert not parser.feed(b"HTTP/1.1 200 OK\r\n\r\nsome body")
     assert not parser.feed(b" and more")
     assert parser.feed(b"")
-    assert (parser.status, parser.keep_alive) == (200, False)
+    assert (parser.status, parser.body(), parser.keep_alive) == (200, b"some body and more", False)
+
+
+def test_close_delimited_body_over_the_cap_is_refused() -> None:
+    parser = ResponseParser(max_body=10)
+    assert not parser.feed(b"HTTP/1.0 200 OK\r\n\r\n0123456789")
+    with pytest.raises(ResponseError, match="over 10 bytes"):
+        parser.feed(b"!")
+
+
+def test_the_answer_to_head_has_no_body_whatever_its_length() -> None:
+    parser = ResponseParser(max_body=MAX_BODY, head_request=True)
+    assert parser.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n")
+    assert (parser.status, parser.body(), parser.keep_alive) == (200, b"", True)
 
 
 @pytest.mark.parametrize(
@@ -205,11 +260,11 @@ def test_close_delimited_body_completes_at_the_close() -> None:
 )
 def test_invalid_response_is_refused(raw: bytes) -> None:
     with pytest.raises(ResponseError):
-        ResponseParser().feed(raw)
+        ResponseParser(max_body=MAX_BODY).feed(raw)
 
 
 def test_response_cut_short_by_the_close_is_refused() -> None:
-    parser = ResponseParser()
+    parser = ResponseParser(max_body=MAX_BODY)
     assert not parser.feed(b"HTTP/1.1 202 Accepted\r\ncontent-length: 10\r\n\r\nabc")
-    with pytest.raises(ResponseError, match="closed"):
+    with pytest.raises(ResponseCutShort, match="closed"):
         parser.feed(b"")
