@@ -144,7 +144,6 @@ class Engine:
         self.request_reconcile = request_reconcile
         self.max_horizon = max_horizon
         self.jobs: dict[str, Job] = {}
-        self._applied_states: dict[str, JobState] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(config.runner.max_concurrent)
         self._running: dict[str, list[RunControl]] = {}
@@ -180,12 +179,19 @@ class Engine:
         asks about every job, so arms left unconfirmed by a previous process are found.
         """
         now = _whole(now or self.clock())
-        states = self.db.all_jobs()
-        diff = diff_jobs({job_id: js.spec_hash for job_id, js in states.items()}, jobs)
+        known = self.db.job_summaries()
+        diff = diff_jobs({job_id: summary.spec_hash for job_id, summary in known.items()}, jobs)
         touched = set(diff.job_ids())
         for job in jobs:
-            js = states.get(job.id)
+            summary = known.get(job.id)
             key = schedule_key(job)
+            if summary is not None and (
+                summary.schedule_key == key
+                and summary.spec_hash == job.spec_hash
+                and summary.planned == (job.active and not summary.completed)
+            ):
+                continue  # unchanged: the common case, decided without reading the whole row
+            js = self.db.get_job(job.id) if summary is not None else None
             if js is not None and not js.schedule_key:
                 # Migrated from a schema that did not record the schedule: adopt, don't re-anchor.
                 js = replace(js, schedule_key=key)
@@ -207,23 +213,17 @@ class Engine:
                 js = self._replan(job, js, now)
                 self.db.put_job(js)
                 touched.add(job.id)
-                states[job.id] = js
             elif js.spec_hash != job.spec_hash or (js.next_fire is None) != (
                 not job.active or js.completed
             ):
                 js = self._replan(job, js, now, keep_next=True)
                 self.db.put_job(js)
                 touched.add(job.id)
-                states[job.id] = js
         self.jobs = {job.id: job for job in jobs}
-        if reconcile_all:
-            # Start-up: what job_state now holds, for the catch-up that follows at once
-            # (reading 10,000 rows again costs more than everything else catch-up does).
-            self._applied_states = states
         # A re-anchor can make a remembered delivery stale: map deliveries afresh.
         self._known.clear()
         if reconcile_all:
-            touched |= set(states) | set(self.jobs)
+            touched |= set(known) | set(self.jobs)
         if touched:
             self.request_reconcile(sorted(touched))
         return diff
@@ -293,14 +293,11 @@ class Engine:
         """
         now = _whole(now or self.clock())
         touched: list[str] = []
-        states, self._applied_states = self._applied_states, None
-        if states is None:
-            states = self.db.all_jobs()
-        for job in self.jobs.values():
-            if not job.active:
-                continue
-            js = states.get(job.id)
-            if js is None or js.next_fire is None:
+        # Only a planned fire at or before now can be overdue (jitter only delays).
+        states = self.db.jobs_due(now)
+        for job_id, js in states.items():
+            job = self.jobs.get(job_id)
+            if job is None or not job.active or js.next_fire is None:
                 continue
             if planner.misfire_action(job, js.next_fire, now, anchor=js.anchor) == "run":
                 continue

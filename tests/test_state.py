@@ -900,3 +900,24 @@ def test_expired_nonces_are_pruned(db: StateDB) -> None:
     (left,) = raw.execute("SELECT count(*) FROM nonces").fetchone()
     raw.close()
     assert left == 5  # n6..n9 and fresh
+
+
+def test_job_summaries_report_what_applying_jobs_compares(db: StateDB) -> None:
+    db.put_job(_job("a"))
+    db.put_job(_job("b", spec_hash="h2", next_fire=None, completed=True))
+    summaries = db.job_summaries()
+    assert summaries["a"] == ("h1", "cron:0 * * * *@UTC", True, False)
+    assert summaries["b"] == ("h2", "cron:0 * * * *@UTC", False, True)
+    assert set(summaries) == {"a", "b"}
+
+
+def test_jobs_due_are_those_planned_at_or_before_now(db: StateDB) -> None:
+    now = T0 + timedelta(hours=30)  # across a day boundary: text order must be time order
+    db.put_job(_job("past", next_fire=now - timedelta(days=2)))
+    db.put_job(_job("exact", next_fire=now))
+    db.put_job(_job("second-later", next_fire=now + timedelta(seconds=1)))
+    db.put_job(_job("next-year", next_fire=now + timedelta(days=400)))
+    db.put_job(_job("unplanned", next_fire=None))
+    due = db.jobs_due(now)
+    assert sorted(due) == ["exact", "past"]
+    assert due["past"] == _job("past", next_fire=now - timedelta(days=2))
