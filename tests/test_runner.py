@@ -557,3 +557,30 @@ async def test_runs_leave_no_zombie_child(tmp_path: Path) -> None:
     assert outcome.pid is not None
     # The leader is ours to reap: by the time the outcome exists it is gone, not a zombie.
     assert not Path(f"/proc/{outcome.pid}").exists()
+
+
+@pytest.mark.anyio
+async def test_child_watcher_reaps_jobs_on_the_loop_and_puts_the_old_watcher_back(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import threading
+
+    from chronosd.runner import child_watcher
+
+    before = asyncio.get_child_watcher()
+    threads = threading.active_count()
+    with child_watcher():
+        if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+            assert isinstance(asyncio.get_child_watcher(), asyncio.PidfdChildWatcher)
+        outcomes = []
+        for code in (0, 3, 0):
+            spec = make_spec(tmp_path, (PY, "-c", f"import sys; sys.exit({code})"))
+            outcomes.append(await run(spec))
+        # Waiting happened on the loop: no waiter thread per child was left behind or started.
+        assert threading.active_count() <= threads
+    assert [o.exit_code for o in outcomes] == [0, 3, 0]
+    assert [o.status for o in outcomes] == ["ok", "failed", "ok"]
+    assert asyncio.get_child_watcher() is before
+    # And the restored watcher still works for this loop.
+    assert (await run(make_spec(tmp_path, (PY, "-c", "pass")))).status == "ok"

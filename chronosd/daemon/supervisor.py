@@ -48,6 +48,7 @@ from chronosd.log import get_logger
 from chronosd.providers.base import Provider
 from chronosd.providers.local import LocalProvider
 from chronosd.reconcile import Reconciler
+from chronosd.runner import child_watcher
 from chronosd.state import JobState, StateDB, owner_token
 from chronosd.timefmt import to_wire, utc_now
 
@@ -328,6 +329,8 @@ class Daemon:
             META_DAEMON,
             json.dumps({"owner": self.owner, "pid": os.getpid(), "started": to_wire(utc_now())}),
         )
+        watching = child_watcher()  # until every run has ended (the task group's exit)
+        watching.__enter__()
         try:
             async with anyio.create_task_group() as tg:
                 startup = self.idle.hold("startup")
@@ -360,6 +363,7 @@ class Daemon:
                 await self._shutdown(reason="idle")
                 tg.cancel_scope.cancel()
         finally:
+            watching.__exit__(None, None, None)
             await self.provider.aclose()
             self._save_memo()
             self._set_meta(META_DAEMON, None)
