@@ -254,8 +254,12 @@ def parse_schedule(text: str, timezone: str, *, first_seen: datetime | None = No
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def default_misfire_grace(schedule: Schedule, *, anchor: datetime) -> float:
-    """Half the period clamped to 120 s .. 7200 s; 120 s for one-shots."""
+    """Half the period clamped to 120 s .. 7200 s; 120 s for one-shots.
+
+    Cached: it walks the schedule, and a burst of late deliveries asks it once per fire.
+    """
     if schedule.one_shot:
         return ONE_SHOT_GRACE
     period = schedule.period(anchor=anchor)
