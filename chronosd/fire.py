@@ -41,7 +41,7 @@ from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
 from chronosd.log import get_logger
 from chronosd.runner import RunControl, RunOutcome, RunSpec, job_environment, resolve_argv, run_job
-from chronosd.state import JobState, StateDB, SyncGroup
+from chronosd.state import ArmState, JobState, StateDB, SyncGroup
 from chronosd.timefmt import to_wire, utc_now
 
 log = get_logger("chronosd.fire")
@@ -262,7 +262,7 @@ class Engine:
         *,
         now: datetime | None = None,
         use_horizon: bool = True,
-        state: JobState | None = None,
+        state: JobState | ArmState | None = None,
     ) -> datetime | None:
         """The instant the provider should hold for ``job_id`` (None: nothing armed).
 

@@ -31,7 +31,7 @@ from chronosd.fire import Engine
 from chronosd.log import get_logger
 from chronosd.providers.base import DueCallback, Provider, ProviderRejected, ProviderUnavailable
 from chronosd.providers.local import LocalProvider
-from chronosd.state import JobState, StateDB
+from chronosd.state import ArmState, StateDB
 from chronosd.timefmt import parse_instant, to_wire, utc_now
 
 log = get_logger("chronosd.reconcile")
@@ -353,14 +353,18 @@ class Reconciler:
             log.info("arm.handed_back", job_id=job_id, provider=self.provider.name)
             self._sync_resident()
 
-    def _states(self, batch: set[str]) -> dict[str, JobState]:
+    def _states(self, batch: set[str]) -> dict[str, ArmState]:
         # An edit touches a job or two: reading the whole table (10,000 rows) would cost more
-        # than the arm. A big batch (start-up) reads it once.
+        # than the arm. A big batch (start-up) reads the arm columns of every row at once.
         if len(batch) > SMALL_BATCH:
-            return self.db.all_jobs()
-        return {job_id: js for job_id in batch if (js := self.db.get_job(job_id)) is not None}
+            return self.db.arm_states()
+        return {
+            job_id: ArmState(js.next_fire, js.armed_fire, js.armed_confirmed_at)
+            for job_id in batch
+            if (js := self.db.get_job(job_id)) is not None
+        }
 
-    def _observed(self, batch: set[str], states: dict[str, JobState]) -> dict[str, datetime]:
+    def _observed(self, batch: set[str], states: dict[str, ArmState]) -> dict[str, datetime]:
         if not self.provider.persistent:
             assert isinstance(self.provider, LocalProvider)
             return {k: v for k, v in self.provider.armed().items() if k in batch}

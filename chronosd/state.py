@@ -86,6 +86,14 @@ class JobState:
     completed: bool
 
 
+class ArmState(NamedTuple):
+    """The columns of job_state that reconciling an arm compares."""
+
+    next_fire: datetime | None
+    armed_fire: datetime | None
+    armed_confirmed_at: datetime | None
+
+
 class JobSummary(NamedTuple):
     spec_hash: str
     schedule_key: str
@@ -493,6 +501,17 @@ class StateDB:
                 "FROM job_state"
             ).fetchall()
         return {row[0]: JobSummary(row[1], row[2], bool(row[3]), bool(row[4])) for row in rows}
+
+    def arm_states(self) -> dict[str, ArmState]:
+        """Every job's planned and armed fire, without building whole states."""
+        with self._guard("reading job state"):
+            rows = self._db.execute(
+                "SELECT job_id, next_fire, armed_fire, armed_confirmed_at FROM job_state"
+            ).fetchall()
+        return {
+            row[0]: ArmState(_instant_opt(row[1]), _instant_opt(row[2]), _instant_opt(row[3]))
+            for row in rows
+        }
 
     def jobs_due(self, now: datetime) -> dict[str, JobState]:
         """Jobs whose planned fire is at or before ``now``."""

@@ -921,3 +921,12 @@ def test_jobs_due_are_those_planned_at_or_before_now(db: StateDB) -> None:
     due = db.jobs_due(now)
     assert sorted(due) == ["exact", "past"]
     assert due["past"] == _job("past", next_fire=now - timedelta(days=2))
+
+
+def test_arm_states_hold_each_jobs_planned_and_armed_fire(db: StateDB) -> None:
+    db.put_job(_job("armed", armed_fire=T0 + MINUTE, armed_confirmed_at=T0))
+    db.put_job(_job("idle", next_fire=None))
+    arms = db.arm_states()
+    assert arms["armed"] == (T0 + MINUTE, T0 + MINUTE, T0)
+    assert arms["idle"] == (None, None, None)
+    assert set(arms) == {"armed", "idle"}
