@@ -229,3 +229,25 @@ def test_encoded_head_is_what_h11_writes(status: int, headers: list[tuple[str, s
     assert encoded.bodyless == bodyless
     conn.send(h11.EndOfMessage())
     assert encoded.closes == (conn.our_state is h11.MUST_CLOSE)
+
+
+def test_connection_close_is_read_by_the_fast_path_as_h11_reads_it() -> None:
+    for value, close in (
+        ("close", True),
+        ("Keep-Alive, Close", True),
+        (" close ", True),
+        ("keep-alive", False),
+        ("closed", False),
+        ("upgrade-close", False),
+    ):
+        data = f"POST /f HTTP/1.1\r\nHost: t\r\nConnection: {value}\r\nContent-Length: 0\r\n\r\n"
+        head = _parse_head(bytearray(data.encode()), 0, MAX_HEAD, MAX_BODY)
+        assert isinstance(head, tuple), value
+        assert head.close is close, value
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(data.encode())
+        assert isinstance(conn.next_event(), h11.Request)
+        assert conn.next_event() == h11.EndOfMessage()
+        conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+        conn.send(h11.EndOfMessage())
+        assert (conn.our_state is h11.MUST_CLOSE) is close, value

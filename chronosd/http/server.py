@@ -19,7 +19,7 @@ Two parsers, one behaviour. The common request — HTTP/1.1, ``Content-Length`` 
 header lines — is parsed here by a strict subset of h11's own grammar and answered with
 pre-encoded headers: per request that is a few regular-expression matches and one write, where
 h11's state machine costs several times the whole of it. Anything outside the subset
-(HTTP/1.0, chunked bodies, ``Expect``, ``Connection: close``, an absolute-form target, obs-fold,
+(HTTP/1.0, chunked bodies, ``Expect``, an absolute-form target, obs-fold,
 anything malformed, a client that closes mid-request) goes to h11 exactly as it arrived, so
 every odd or hostile request meets the full parser and its refusals.
 
@@ -505,7 +505,7 @@ class HTTPServer:
             client=client,
         )
         response = await self._call_handler(request)
-        closing = not self._accepting
+        closing = head.close or not self._accepting
         try:
             data, closes = self._encode(response, head_only=head.method == "HEAD", close=closing)
         except InvalidResponse as exc:
@@ -934,6 +934,7 @@ class _Head(NamedTuple):
     headers: tuple[tuple[str, str], ...]
     body_start: int
     body_length: int
+    close: bool  # the client sent Connection: close
 
 
 class _Incomplete:
@@ -949,7 +950,7 @@ def _parse_head(
     """The head of the request at the start of *data*, read as h11 would read it.
 
     None when h11 must read this request instead: anything it refuses or treats in its own way
-    (HTTP/1.0, ``Connection: close``, chunked, ``Expect``, ``Upgrade``, CONNECT, a repeated or
+    (HTTP/1.0, chunked, ``Expect``, ``Upgrade``, CONNECT, a repeated or
     over-limit ``Content-Length``, a head over *max_head*, obs-fold, bare LF line ends).
     *scan_from* is where to resume looking for the end of the head.
     """
@@ -973,6 +974,7 @@ def _parse_head(
     headers = []
     hosts = 0
     body_length = -1
+    close = False
     for line in block[:-2].split("\r\n") if block else ():
         name, _, value = line.partition(":")
         name = name.lower()
@@ -988,8 +990,8 @@ def _parse_head(
             if body_length > max_body:
                 return None
         elif name == "connection":
-            if "close" in value.lower():
-                return None
+            # As h11 reads it: a comma list of tokens, compared without case.
+            close = close or "close" in (token.strip(" \t") for token in value.lower().split(","))
         elif name in _LEFT_TO_H11:
             return None
         headers.append((name, value))
@@ -999,7 +1001,7 @@ def _parse_head(
         path, _, query = target.partition("?")
     else:
         return None  # absolute form: rare, and h11's path splits it
-    return _Head(method, target, path, query, tuple(headers), end, max(body_length, 0))
+    return _Head(method, target, path, query, tuple(headers), end, max(body_length, 0), close)
 
 
 class InvalidResponse(Exception):
