@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -40,9 +40,12 @@ from chronosd.jobs.diff import JobsDiff, diff_jobs
 from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
 from chronosd.log import get_logger
-from chronosd.runner import RunControl, RunOutcome, RunSpec, job_environment, resolve_argv, run_job
 from chronosd.state import ArmState, JobState, StateDB, SyncGroup
 from chronosd.timefmt import to_wire, utc_now
+
+if TYPE_CHECKING:
+    # The runner is imported when the first run starts, after the reply to the fire.
+    from chronosd.runner import RunControl, RunOutcome
 
 log = get_logger("chronosd.fire")
 
@@ -968,6 +971,8 @@ class Engine:
     async def _run_once(
         self, job: Job, occurrence: datetime, trigger: str, attempt: int, run_id: str | None
     ) -> tuple[RunOutcome, str]:
+        from chronosd.runner import RunControl, RunSpec, job_environment, resolve_argv, run_job
+
         async with self._limiter:
             now = _whole(self.clock())
             if run_id is None:

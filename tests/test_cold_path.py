@@ -57,6 +57,7 @@ NEVER_BEFORE_REPLY_MODULES = (
     "cryptography.hazmat.primitives.asymmetric.ec",
     "chronosd.nas",
     "chronosd.install",
+    "chronosd.runner",  # imported when the first run starts, after the reply
 )
 
 

@@ -566,7 +566,7 @@ async def test_child_watcher_reaps_jobs_on_the_loop_and_puts_the_old_watcher_bac
     import asyncio
     import threading
 
-    from chronosd.runner import child_watcher
+    from chronosd.daemon.children import child_watcher
 
     before = asyncio.get_child_watcher()
     threads = threading.active_count()

@@ -27,6 +27,7 @@ import anyio.abc
 
 from chronosd.config import Config, load_config
 from chronosd.daemon import systemd
+from chronosd.daemon.children import child_watcher
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import ChronosError, ConfigError, JobsFileError
 from chronosd.fire import Engine, FireResult
@@ -48,7 +49,6 @@ from chronosd.log import get_logger
 from chronosd.providers.base import Provider
 from chronosd.providers.local import LocalProvider
 from chronosd.reconcile import Reconciler
-from chronosd.runner import child_watcher
 from chronosd.state import JobState, StateDB, owner_token
 from chronosd.timefmt import to_wire, utc_now
 
