@@ -355,6 +355,8 @@ def file_origin(text: str) -> Literal["ours", "edited", "foreign"]:
 # ---------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class FileChange:
+    """One unit file to write, and whether it differs from what is there."""
+
     path: Path
     action: Action
     text: str | None = None  # what to write, for created/updated/replaced

@@ -50,6 +50,8 @@ CONCURRENCY = 8
 
 @dataclass(frozen=True)
 class Action:
+    """One change to make at the provider."""
+
     kind: str  # "arm" | "cancel" | "forget"
     job_id: str
     fire_at: datetime | None = None

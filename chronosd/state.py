@@ -73,6 +73,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass(frozen=True)
 class JobState:
+    """One row of job_state."""
+
     job_id: str
     spec_hash: str
     schedule_key: str
@@ -103,6 +105,8 @@ class JobSummary(NamedTuple):
 
 @dataclass(frozen=True)
 class Occurrence:
+    """One row of occurrences: a claimed (or recorded) occurrence."""
+
     job_id: str
     scheduled_at: datetime
     state: str
@@ -114,6 +118,8 @@ class Occurrence:
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One row of runs."""
+
     run_id: str
     job_id: str
     scheduled_at: datetime

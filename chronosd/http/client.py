@@ -72,6 +72,8 @@ class RequestTimedOut(RequestFailed):
 
 @dataclass(frozen=True)
 class ClientResponse:
+    """A complete response from the server."""
+
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...]  # names lower-case, values latin-1 decoded

@@ -171,6 +171,8 @@ def _log() -> Any:
 
 @dataclass(frozen=True)
 class _Rejection:
+    """A request refused before the handler: the status and why."""
+
     status: int
     reason: str  # for the log only
 

@@ -29,6 +29,8 @@ class JobChange:
 
 @dataclass(frozen=True)
 class JobsDiff:
+    """What changed between the recorded job set and jobs.json."""
+
     added: tuple[str, ...]
     changed: tuple[JobChange, ...]
     removed: tuple[str, ...]

@@ -22,6 +22,8 @@ KILL_AFTER = 10.0
 
 @dataclass(frozen=True)
 class Job:
+    """One validated job of jobs.json, with its defaults filled in."""
+
     id: str
     schedule_text: str  # as written (Hermes objects are rendered to the text form)
     schedule: Schedule

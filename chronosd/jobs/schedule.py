@@ -95,6 +95,8 @@ _FORMS = 'a cron expression, "every 30m", "in 30m" or "at 2026-06-18T12:00:00"'
 
 @dataclass(frozen=True)
 class Schedule:
+    """A parsed schedule: cron, every or at, with its time zone."""
+
     kind: ScheduleKind
     text: str  # normalized text, e.g. "0 30 2 * * *", "every 1h30m", "at 2026-06-18T12:34:56+00:00"
     timezone: str  # IANA name the schedule is read in

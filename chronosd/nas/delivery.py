@@ -80,6 +80,8 @@ def fire_target(callback_url: str) -> FireTarget:
 
 @dataclass(frozen=True)
 class Reply:
+    """An agent's answer to a fire call."""
+
     status: int
     retry_after: str | None
 

@@ -67,6 +67,8 @@ _BATCH = 256
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How failed deliveries are retried."""
+
     max_delivery_age: float = DEFAULT_MAX_DELIVERY_AGE
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_cap: float = DEFAULT_BACKOFF_CAP

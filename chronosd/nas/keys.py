@@ -45,6 +45,8 @@ def _b64url_decode(text: str) -> bytes:
 
 @dataclass(frozen=True)
 class SigningKey:
+    """One Ed25519 signing key of the reference NAS."""
+
     kid: str
     seed: bytes  # the 32-byte Ed25519 private key
     created_at: float

@@ -46,6 +46,8 @@ _STOP_GRACE = 5.0  # seconds for requests in progress to be answered at shutdown
 
 @dataclass(frozen=True)
 class NASOptions:
+    """How `chronosd nas serve` runs."""
+
     state_dir: Path
     public_url: str | None = None  # default: http://<first listener's address>
     max_delivery_age: float = DEFAULT_MAX_DELIVERY_AGE

@@ -94,6 +94,8 @@ _ARM_COLUMNS = (
 
 @dataclass(frozen=True)
 class Agent:
+    """An agent registered with the reference NAS."""
+
     name: str
     callback_url: str
     created_at: float
@@ -138,6 +140,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """An arm given up after max_delivery_age."""
+
     agent: str
     job_id: str
     fire_at: str

@@ -15,6 +15,8 @@ DueCallback = Callable[[str, datetime], Coroutine[Any, Any, None]]
 
 @dataclass(frozen=True)
 class Arm:
+    """One arm a provider holds."""
+
     job_id: str
     fire_at: datetime
     schedule_id: str = ""
