@@ -40,7 +40,7 @@ from chronosd.jobs.diff import JobsDiff, diff_jobs
 from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
 from chronosd.log import get_logger
-from chronosd.state import ArmState, JobState, StateDB, SyncGroup
+from chronosd.state import ArmState, JobState, RunRecord, StateDB, SyncGroup
 from chronosd.timefmt import to_wire, utc_now
 
 if TYPE_CHECKING:
@@ -630,31 +630,24 @@ class Engine:
             action = planner.overlap_action(job, running=running, queued=queued)
         durable = pending is None
         crash_point("before-claim")
-        run = None
-        if action in ("start", "replace"):
-            # Claim, plan and record the run in one transaction: nothing half-way.
-            run = self.db.claim_advance_and_start(
-                job.id,
-                occurrence,
-                owner=self.owner,
-                trigger=trigger,
-                now=now,
-                next_fire=next_fire,
-                completed=next_fire is None,
-                durable=durable,
-            )
-            won = run is not None
-        else:
-            won = self.db.claim_and_advance(
-                job.id,
-                occurrence,
-                owner=self.owner,
-                trigger=trigger,
-                now=now,
-                next_fire=next_fire,
-                completed=next_fire is None,
-                durable=durable,
-            )
+        # A run that starts now is recorded in the claim's transaction: nothing half-way.
+        insert = (
+            self.db.claim_advance_and_start
+            if action in ("start", "replace")
+            else self.db.claim_and_advance
+        )
+        claimed = insert(
+            job.id,
+            occurrence,
+            owner=self.owner,
+            trigger=trigger,
+            now=now,
+            next_fire=next_fire,
+            completed=next_fire is None,
+            durable=durable,
+        )
+        run = claimed if isinstance(claimed, RunRecord) else None
+        won = claimed is not None and claimed is not False
         if not won:
             # Another process claimed it between our look-up and our insert.
             return self._duplicate(
