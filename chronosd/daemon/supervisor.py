@@ -343,12 +343,14 @@ class Daemon:
                     self.engine.catch_up()
                     self.engine.start_pending_retries()
                 await tg.start(self._serve, listeners)
+                # SIGTERM is handled from here on: before READY, and before the tasks below,
+                # whose first steps (importing watchfiles, say) hold the loop for a while.
+                await tg.start(self._signals, tg.cancel_scope)
                 await tg.start(self.reconciler.run, self._on_local_due, self._settled)
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
                 tg.start_soon(self._keep_memo)
-                tg.start_soon(self._signals, tg.cancel_scope)
                 startup.__exit__(None, None, None)
                 systemd.notify_ready(self.status_line())
                 log.info(
@@ -486,8 +488,14 @@ class Daemon:
             with anyio.move_on_after(15):
                 await self.engine.wait_runs()
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(
+        self,
+        scope: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self._reload_config()
