@@ -1032,22 +1032,22 @@ def test_run_path_imports_neither_argparse_nor_other_commands(setup: Setup) -> N
 def test_loading_the_daemon_pauses_the_collector_and_freezes_what_was_loaded() -> None:
     import gc
 
-    from chronosd import cli
+    from chronosd.gcpause import collection_paused
 
     assert gc.isenabled()
     gc.unfreeze()
     try:
-        with cli._loading_without_collection():
+        with collection_paused(freeze=True):
             assert not gc.isenabled()
             loaded = [{"n": n} for n in range(100)]
         assert gc.isenabled()
         assert gc.get_freeze_count() >= len(loaded)
         # A failed load turns the collector back on as well; one that was off stays off.
-        with pytest.raises(ImportError), cli._loading_without_collection():
+        with pytest.raises(ImportError), collection_paused(freeze=True):
             raise ImportError("no such module")
         assert gc.isenabled()
         gc.disable()
-        with cli._loading_without_collection():
+        with collection_paused(freeze=True):
             pass
         assert not gc.isenabled()
     finally:

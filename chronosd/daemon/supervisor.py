@@ -6,9 +6,7 @@ let the work that must finish finish, then cancel the group.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -31,6 +29,7 @@ from chronosd.daemon.children import child_watcher
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import ChronosError, ConfigError, JobsFileError
 from chronosd.fire import Engine, FireResult
+from chronosd.gcpause import collection_paused
 from chronosd.http.auth import FireAuthenticator
 from chronosd.http.routes import DaemonRoutes
 from chronosd.http.server import (
@@ -160,7 +159,7 @@ class Daemon:
     # ---------------------------------------------------------------- jobs.json
     def load_jobs(self, *, startup: bool = False) -> bool:
         """Read jobs.json; apply it when valid. A bad file changes nothing that is armed."""
-        with _gc_paused():
+        with collection_paused():
             return self._load_jobs(startup=startup)
 
     def _load_jobs(self, *, startup: bool) -> bool:
@@ -337,7 +336,7 @@ class Daemon:
                 startup.__enter__()
                 self.engine.bind(tg)
                 # Jobs first: recover() decides retries by each job's `retries`.
-                with _gc_paused():
+                with collection_paused():
                     self.load_jobs(startup=True)
                     self.engine.recover()
                     self.engine.catch_up()
@@ -516,23 +515,6 @@ class Daemon:
         self.engine.config = config
         log.info("config.reloaded", source=str(config.source) if config.source else None)
         self.load_jobs()
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cycle collector off during a burst of allocation.
-
-    Loading 10,000 jobs makes a few hundred thousand objects, none of them in cycles, and the
-    collector would walk the growing heap again and again while they are made (40 % of a
-    load's time); reference counting still frees everything meanwhile.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class _KnownSchedules(Mapping[str, str]):
