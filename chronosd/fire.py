@@ -22,7 +22,7 @@ that arrives early (the NAS's clock runs ahead; up to 60 s is accepted) starts a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -40,7 +40,7 @@ from chronosd.jobs.diff import JobsDiff, diff_jobs
 from chronosd.jobs.model import Job
 from chronosd.jobs.validate import schedule_key
 from chronosd.log import get_logger
-from chronosd.state import ArmState, JobState, RunRecord, StateDB, SyncGroup
+from chronosd.state import ArmState, JobState, JobSummary, RunRecord, StateDB, SyncGroup
 from chronosd.timefmt import to_wire, utc_now
 
 if TYPE_CHECKING:
@@ -89,6 +89,9 @@ _WAKE_CHECKS = 3
 _WAKE_SLACK = 0.05
 # Delivered fires already known to be claimed and durable, kept to answer repeats cheaply.
 _KNOWN_MAX = 4096
+# Up to this many new or changed jobs an edit reads their stored state one by one (see
+# apply_jobs); more, and the whole table is read at once.
+SMALL_APPLY = 256
 # A delivery that finds its occurrence's claim taken back (fsync failed) tries again.
 _FIRE_ATTEMPTS = 3
 
@@ -146,7 +149,7 @@ class Engine:
         self.idle = idle
         self.request_reconcile = request_reconcile
         self.max_horizon = max_horizon
-        self.jobs: dict[str, Job] = {}
+        self.jobs: Mapping[str, Job] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter = anyio.CapacityLimiter(config.runner.max_concurrent)
         self._running: dict[str, list[RunControl]] = {}
@@ -182,10 +185,37 @@ class Engine:
         asks about every job, so arms left unconfirmed by a previous process are found.
         """
         now = _whole(now or self.clock())
-        known = self.db.job_summaries()
-        diff = diff_jobs({job_id: summary.spec_hash for job_id, summary in known.items()}, jobs)
+        previous = self.jobs
+        fresh: Sequence[Job] = jobs
+        if not reconcile_all and isinstance(previous, dict) and previous:
+            # A job object this Engine applied before (the validation memo hands back the same
+            # object for an unchanged record) has its state in line already: the engine's own
+            # writes keep it so. Only the others need their state read, for an edit of a few
+            # jobs in a big file.
+            fresh = [job for job in jobs if previous.get(job.id) is not job]
+            if len(fresh) <= SMALL_APPLY:
+                current = {job.id for job in jobs}
+                gone = [job_id for job_id in previous if job_id not in current]
+                if len(gone) <= SMALL_APPLY:
+                    known = self.db.job_summaries([*(job.id for job in fresh), *gone])
+                    return self._apply(jobs, fresh, known, now, reconcile_all=False)
+            fresh = jobs
+        return self._apply(jobs, fresh, self.db.job_summaries(), now, reconcile_all=reconcile_all)
+
+    def _apply(
+        self,
+        jobs: Sequence[Job],
+        fresh: Sequence[Job],
+        known: Mapping[str, JobSummary],
+        now: datetime,
+        *,
+        reconcile_all: bool,
+    ) -> JobsDiff:
+        """apply_jobs for the jobs of ``fresh`` (the others are unchanged); ``known`` holds the
+        stored summaries of those jobs and of any job that left the set."""
+        diff = diff_jobs({job_id: summary.spec_hash for job_id, summary in known.items()}, fresh)
         touched = set(diff.job_ids())
-        for job in jobs:
+        for job in fresh:
             summary = known.get(job.id)
             key = schedule_key(job)
             if summary is not None and (

@@ -115,6 +115,7 @@ class Reconciler:
         self._deferred: set[str] = set()  # waiting out a backoff before the next try
         self._retry_at: float | None = None  # anyio clock
         self.last_error: str | None = None
+        self._cut_short = False  # a pass was cancelled part-way: its batch may be half applied
 
     # ---------------------------------------------------------------- queue
     def request(self, job_ids: Iterable[str]) -> None:
@@ -125,6 +126,17 @@ class Reconciler:
     @property
     def idle_now(self) -> bool:
         return not self._pending and not self._busy and not self._deferred
+
+    @property
+    def settled(self) -> bool:
+        """Everything asked for was confirmed: the arms in state.db are the planned ones."""
+        return (
+            self.idle_now
+            and not self._cut_short
+            and not self._local
+            and self._retry_at is None
+            and self.last_error is None
+        )
 
     def _sync_hold(self) -> None:
         """Keep the daemon up while anything is queued, in flight or waiting for a retry."""
@@ -246,6 +258,7 @@ class Reconciler:
             if job_id in self.fallback_jobs:
                 await self._fall_back(job_id)
         self._busy = True
+        self._cut_short = True
         failed: dict[str, ProviderError] = {}
         try:
             states = self._states(batch)
@@ -287,6 +300,7 @@ class Reconciler:
             failed.update({job_id: ProviderError(str(exc)) for job_id in batch})
         finally:
             self._busy = False
+        self._cut_short = False
         now = self.clock()
         if failed:
             await self._failed(failed, now)

@@ -45,7 +45,7 @@ import functools
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -206,6 +206,17 @@ _MIGRATE_V1_TO_V2: Final = (
 )
 
 
+# meta key of the "arms are settled" mark (see StateDB.arms_settled): any write to job_state
+# deletes it, whoever makes the write, so a mark that is present describes job_state as it is.
+META_ARMS_SETTLED: Final = "arms_settled"
+
+_MIGRATE_V2_TO_V3: Final = tuple(
+    f"""CREATE TRIGGER job_state_{event.lower()}_unsettles AFTER {event} ON job_state
+    BEGIN DELETE FROM meta WHERE key = '{META_ARMS_SETTLED}'; END"""
+    for event in ("INSERT", "UPDATE", "DELETE")
+)
+
+
 def _script(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
     # executescript() would COMMIT the surrounding transaction first; running
     # the statements one by one keeps each migration atomic.
@@ -219,6 +230,7 @@ def _script(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _script(_SCHEMA_V1),
     _script(_MIGRATE_V1_TO_V2),
+    _script(_MIGRATE_V2_TO_V3),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -498,14 +510,22 @@ class StateDB:
             rows = self._db.execute(self._JOB_SELECT + " ORDER BY job_id").fetchall()
         return {row[0]: self._job(row) for row in rows}
 
-    def job_summaries(self) -> dict[str, JobSummary]:
-        """What applying jobs.json compares for every job, without building whole states
-        (a tenth of all_jobs()'s cost for 10,000 jobs)."""
+    def job_summaries(self, job_ids: Iterable[str] | None = None) -> dict[str, JobSummary]:
+        """What applying jobs.json compares for every job (or those of ``job_ids``), without
+        building whole states (a tenth of all_jobs()'s cost for 10,000 jobs)."""
+        sql = (
+            "SELECT job_id, spec_hash, schedule_key, next_fire IS NOT NULL, completed "
+            "FROM job_state"
+        )
         with self._guard("reading job state"):
-            rows = self._db.execute(
-                "SELECT job_id, spec_hash, schedule_key, next_fire IS NOT NULL, completed "
-                "FROM job_state"
-            ).fetchall()
+            if job_ids is None:
+                rows = self._db.execute(sql).fetchall()
+            else:
+                rows = [
+                    row
+                    for job_id in job_ids
+                    for row in self._db.execute(sql + " WHERE job_id = ?", (job_id,))
+                ]
         return {row[0]: JobSummary(row[1], row[2], bool(row[3]), bool(row[4])) for row in rows}
 
     def arm_states(self) -> dict[str, ArmState]:

@@ -345,3 +345,19 @@ def test_validating_with_the_memo_of_any_earlier_document_gives_the_same_result(
     renewed = plain(document, now, memo=memo).memo
     assert renewed is not None
     same_result(plain(document, now, memo=renewed), plain(document, now))
+
+
+def test_the_memo_is_complete_only_when_every_record_is_in_it() -> None:
+    records = [rec("a"), rec("b", schedule="every 10m"), rec("bad", timeout="soon")]
+    first = plain(records, memo=ValidationMemo(DEFAULTS)).memo
+    assert first is not None and first.complete  # an invalid record is remembered too
+    again = plain(records, memo=ValidationMemo.loads(first.dumps(), DEFAULTS)).memo
+    assert again is not None and again.complete  # taken from the memo: still every record
+    assert not ValidationMemo.loads(first.dumps(), DEFAULTS).complete  # a loaded one: unknown
+    # A one-shot at a fixed time consults the clock: it is checked every time, never kept.
+    later = (NOW + timedelta(hours=1)).isoformat()
+    timed = plain([*records, rec("once", schedule=f"at {later}")], memo=ValidationMemo(DEFAULTS))
+    assert timed.memo is not None and not timed.memo.complete
+    # A record without a valid id is never kept either (its problems name its position).
+    nameless = plain([*records, rec("no id!")], memo=ValidationMemo(DEFAULTS))
+    assert nameless.memo is not None and not nameless.memo.complete

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import anyio
 import pytest
 
-from chronosd.config import Config
+from chronosd.config import Config, NasConfig
 from chronosd.daemon.idle import IdleTracker
 from chronosd.fire import Engine
 from chronosd.providers.local import LocalProvider
+from chronosd.providers.nas import NasProvider
 from chronosd.reconcile import Action, Reconciler, backoff_delay, plan_action
 from chronosd.state import StateDB
 from tests.jobtools import T0, make_job
@@ -71,4 +73,80 @@ async def test_edits_turn_into_arms_and_cancels_on_local_timers(tmp_path: Path) 
     assert provider.armed() == {}
     assert db.get_job("b") is None  # removed and cancelled: forgotten
     assert db.get_meta("last_reconcile_error") is None
+    db.close()
+
+
+def _rig(
+    tmp_path: Path, provider: LocalProvider | NasProvider
+) -> tuple[StateDB, Engine, Reconciler]:
+    db = StateDB.open(tmp_path / "state")
+    clock = lambda: T0  # noqa: E731
+    config = Config(jobs=tmp_path / "jobs.json", state_dir=tmp_path / "state")
+    reconciler: Reconciler
+    engine = Engine(
+        config=config,
+        db=db,
+        owner="t:1:x",
+        clock=clock,
+        request_reconcile=lambda ids: reconciler.request(ids),
+    )
+    reconciler = Reconciler(engine=engine, provider=provider, db=db, clock=clock)
+    return db, engine, reconciler
+
+
+def _nas(tmp_path: Path, port: int) -> NasProvider:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    return NasProvider(
+        NasConfig(
+            url=f"http://127.0.0.1:{port}",
+            callback_url="http://127.0.0.1:9",
+            token_file=token,
+            timeout=2.0,
+        )
+    )
+
+
+@pytest.mark.anyio
+async def test_settled_once_everything_asked_for_is_confirmed(tmp_path: Path) -> None:
+    db, engine, reconciler = _rig(tmp_path, LocalProvider(lambda: T0))
+    assert reconciler.settled  # nothing asked yet
+    engine.apply_jobs([make_job(id="a", schedule="every 60s")])
+    assert not reconciler.settled  # asked, not yet armed
+    with anyio.fail_after(5):
+        assert await reconciler.drain()
+    assert reconciler.settled
+    db.close()
+
+
+@pytest.mark.anyio
+async def test_not_settled_after_a_failed_arm(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on: the arm is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db, engine, reconciler = _rig(tmp_path, _nas(tmp_path, port))
+    engine.apply_jobs([make_job(id="a", schedule="every 60s")])
+    with anyio.fail_after(10):
+        assert not await reconciler.drain()
+    assert not reconciler.settled
+    assert reconciler.idle_now is False  # waiting out a backoff
+    await reconciler.provider.aclose()
+    db.close()
+
+
+@pytest.mark.anyio
+async def test_not_settled_after_a_pass_cut_short(tmp_path: Path) -> None:
+    # A NAS that accepts and never answers: the pass is cancelled with its arm in flight.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        db, engine, reconciler = _rig(tmp_path, _nas(tmp_path, silent.getsockname()[1]))
+        engine.apply_jobs([make_job(id="a", schedule="every 60s")])
+        with anyio.move_on_after(0.5) as scope:
+            await reconciler.drain()
+        assert scope.cancelled_caught
+        assert reconciler.idle_now  # nothing queued or in flight any more...
+        assert not reconciler.settled  # ...but the arm was never confirmed
+        await reconciler.provider.aclose()
     db.close()

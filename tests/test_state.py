@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from chronosd.errors import StateError
 from chronosd.state import (
+    META_ARMS_SETTLED,
     SCHEMA_VERSION,
     JobState,
     StateDB,
@@ -92,6 +93,29 @@ def test_open_creates_private_state_dir_and_database_in_wal_mode(tmp_path: Path)
         assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     finally:
         state.close()
+
+
+def test_any_write_to_job_state_removes_the_settled_mark(tmp_path: Path) -> None:
+    with StateDB.open(tmp_path) as db:
+        writes = [
+            lambda: db.put_job(_job("a")),
+            lambda: db.update_job("a", armed_fire=T0 + MINUTE, armed_confirmed_at=T0),
+            lambda: db.delete_job("a"),
+        ]
+        for write in writes:
+            db.set_meta(META_ARMS_SETTLED, "{}")
+            db.set_meta("other", "kept")  # writes elsewhere leave it alone
+            assert db.get_meta(META_ARMS_SETTLED) == "{}"
+            write()
+            assert db.get_meta(META_ARMS_SETTLED) is None
+        # Whoever writes: another process's plain connection too.
+        db.put_job(_job("b"))
+        db.set_meta(META_ARMS_SETTLED, "{}")
+        raw = _raw(db)
+        raw.execute("UPDATE job_state SET last_status = 'ok' WHERE job_id = 'b'")
+        raw.close()
+        assert db.get_meta(META_ARMS_SETTLED) is None
+        assert db.get_meta("other") == "kept"
 
 
 def test_existing_database_with_loose_mode_is_tightened(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import os
 import select
 import signal
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -27,7 +27,7 @@ from chronosd.config import Config, load_config
 from chronosd.daemon import systemd
 from chronosd.daemon.children import child_watcher
 from chronosd.daemon.idle import IdleTracker
-from chronosd.errors import ChronosError, ConfigError, JobsFileError
+from chronosd.errors import ChronosError, ConfigError, JobsFileError, StateError
 from chronosd.fire import Engine, FireResult
 from chronosd.gcpause import collection_paused
 from chronosd.http.auth import FireAuthenticator
@@ -41,14 +41,14 @@ from chronosd.http.server import (
     format_listener_address,
     listener_from_fd,
 )
-from chronosd.jobs.file import read_jobs_file
+from chronosd.jobs.file import check_file_safety, read_jobs_file
 from chronosd.jobs.model import Job
-from chronosd.jobs.validate import JobDefaults, ValidationMemo, validate_document
+from chronosd.jobs.validate import JobDefaults, ValidationMemo, memo_stamp, validate_document
 from chronosd.log import get_logger
 from chronosd.providers.base import Provider
 from chronosd.providers.local import LocalProvider
 from chronosd.reconcile import Reconciler
-from chronosd.state import JobState, StateDB, owner_token
+from chronosd.state import META_ARMS_SETTLED, JobState, StateDB, owner_token
 from chronosd.timefmt import to_wire, utc_now
 
 log = get_logger("chronosd.daemon")
@@ -59,6 +59,7 @@ META_LAST_GOOD = "jobs_last_good"
 META_JOBS_MEMO = "jobs_memo"
 META_JOBS_ERROR = "jobs_error"
 META_DAEMON = "daemon"
+SETTLED_FORMAT = 1
 
 # The memo is written this long after the load that made it, so that the reconcile and the fire
 # path that load started go first; an exit before then writes it on the way out.
@@ -74,6 +75,10 @@ SOCKET_ACTIVATED_KEEPALIVE = 1.0
 # Edits made before the watch is installed are caught by comparing jobs.json with what was
 # loaded as soon as it is; the idle exit compares once more.
 WATCH_DELAY = 0.5
+# An edit is applied once jobs.json has been quiet this long: editors and `chronosd` itself
+# replace the file in one rename, and a truncate-and-write finishes well within it (a file
+# read half-written is only rejected, and read again at the next event).
+WATCH_DEBOUNCE_MS = 50
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Daemon:
         self._memo_saved: str | None = None  # digest of the jobs.json whose memo state.db holds
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
+        self._settled_at_start: dict[str, Any] | None = None  # the mark found at start-up
         self.server: HTTPServer | None = None
         self._stopping = False
         self._conn_held = False
@@ -157,12 +163,18 @@ class Daemon:
         return [await bind_listener(host, port)]
 
     # ---------------------------------------------------------------- jobs.json
-    def load_jobs(self, *, startup: bool = False) -> bool:
-        """Read jobs.json; apply it when valid. A bad file changes nothing that is armed."""
-        with collection_paused():
-            return self._load_jobs(startup=startup)
+    def load_jobs(self, *, startup: bool = False, reconcile_all: bool | None = None) -> bool:
+        """Read jobs.json; apply it when valid. A bad file changes nothing that is armed.
 
-    def _load_jobs(self, *, startup: bool) -> bool:
+        ``reconcile_all`` (default: ``startup``) asks the reconciler about every job, not only
+        those the file changed.
+        """
+        with collection_paused():
+            return self._load_jobs(
+                startup=startup, reconcile_all=startup if reconcile_all is None else reconcile_all
+            )
+
+    def _load_jobs(self, *, startup: bool, reconcile_all: bool) -> bool:
         path = self.config.jobs
         try:
             jobs_file = read_jobs_file(
@@ -188,7 +200,7 @@ class Daemon:
             log.warning(
                 "jobs.problem", path=str(path), problem=str(problem), severity=problem.severity
             )
-        diff = self.engine.apply_jobs(jobs_file.jobs, reconcile_all=startup)
+        diff = self.engine.apply_jobs(jobs_file.jobs, reconcile_all=reconcile_all)
         self._save_last_good(jobs_file.text)
         if jobs_file.memo is not None:
             self._memo = jobs_file.memo
@@ -249,6 +261,103 @@ class Daemon:
         if digest != self._last_good_digest and self._set_meta(META_LAST_GOOD, text):
             self._last_good_digest = digest
 
+    # ---------------------------------------------------------------- the settled mark
+    # A start-up used to compare every job's arm with its plan (reconcile_all), and to read and
+    # apply all of jobs.json, because a previous process may have left either half done. The
+    # mark says they were not: written at a clean exit when the reconciler had nothing left to
+    # do, it records the settings the arms were planned with and the file that was applied.
+    # Any write to job_state deletes it (a trigger in state.db), so a mark that is present
+    # describes job_state as it is. With it, a start-up reconciles only what the file changed,
+    # and when the file is the one applied, the jobs are loaded on first use (a fire, an edit,
+    # a job due) rather than at once: an unchanged start of 10,000 jobs reads none of them.
+    def _settled_params(self) -> str:
+        """What the planned arms depend on besides job_state and the jobs themselves."""
+        text = json.dumps(
+            [
+                SETTLED_FORMAT,
+                repr(self.config.provider),
+                str(self.config.jobs),
+                self.config.on_invalid_job,
+                memo_stamp(job_defaults(self.config)),
+            ]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _read_settled(self) -> dict[str, Any] | None:
+        """The mark, when it was made with the current settings (else None)."""
+        if not self.provider.persistent:
+            return None  # a local provider's timers live in memory: every start arms them all
+        try:
+            text = self.db.get_meta(META_ARMS_SETTLED)
+            mark = json.loads(text) if text else None
+        except (ChronosError, ValueError) as exc:
+            log.warning("jobs.settled_mark_unreadable", error=str(exc))
+            return None
+        if not isinstance(mark, dict) or mark.get("params") != self._settled_params():
+            return None
+        return mark
+
+    def _load_at_startup(self) -> None:
+        mark = self._settled_at_start = self._read_settled()
+        if mark is None:
+            self.load_jobs(startup=True)
+            return
+        path = self.config.jobs
+        digest: str | None = None
+        try:
+            check_file_safety(path)
+            digest = _digest_of(path)
+        except JobsFileError:
+            pass  # the full load below reports it
+        count, active = mark.get("jobs"), mark.get("active")
+        if (
+            digest is None
+            or digest != mark.get("file")
+            or not isinstance(count, int)
+            or not isinstance(active, int)
+        ):
+            self.load_jobs(startup=True, reconcile_all=False)
+            return
+        self.jobs_digest = digest
+        self.jobs_error = None
+        self.engine.jobs = DeferredJobs(self._load_deferred, count=count, active=active)
+        log.info("jobs.loaded", path=str(path), jobs=count, deferred=True)
+
+    def _load_deferred(self) -> Mapping[str, Job]:
+        """Load and apply the file a settled start-up found unchanged (DeferredJobs' loader)."""
+        log.info("jobs.load_deferred", path=str(self.config.jobs))
+        self.load_jobs(startup=True, reconcile_all=False)
+        return self.engine.jobs
+
+    def _save_settled(self) -> None:
+        """Write the mark at a clean exit when the arms match the plan (else remove it)."""
+        if not self.provider.persistent:
+            return
+        value: str | None = None
+        jobs = self.engine.jobs
+        if self.reconciler.settled and self.jobs_error is None and self.jobs_digest is not None:
+            if isinstance(jobs, DeferredJobs) and not jobs.loaded:
+                count, active = len(jobs), jobs.active
+            else:
+                count, active = len(jobs), sum(1 for job in jobs.values() if job.active)
+            memo = self._memo
+            deferred = isinstance(jobs, DeferredJobs) and not jobs.loaded
+            # The jobs may be loaded lazily next time only when validating the file again cannot
+            # come out differently: every record's result is in the memo (none consulted the
+            # time or state.db), or this process itself deferred the same file.
+            same_again = deferred or (
+                memo is not None and memo.complete and memo.digest == self.jobs_digest
+            )
+            value = json.dumps(
+                {
+                    "params": self._settled_params(),
+                    "file": self.jobs_digest if same_again else None,
+                    "jobs": count,
+                    "active": active,
+                }
+            )
+        self._set_meta(META_ARMS_SETTLED, value)
+
     def _restore_last_good(self) -> None:
         text = self.db.get_meta(META_LAST_GOOD)
         if not text:
@@ -303,7 +412,11 @@ class Daemon:
         return {"provider": self.provider.name, "jobs": len(self.engine.jobs)}
 
     def status_line(self) -> str:
-        armed = sum(1 for j in self.engine.jobs.values() if j.active)
+        jobs = self.engine.jobs
+        if isinstance(jobs, DeferredJobs) and not jobs.loaded:
+            armed = jobs.active
+        else:
+            armed = sum(1 for j in jobs.values() if j.active)
         text = f"{armed} jobs active, provider {self.provider.name}"
         if self.jobs_error:
             text += "; jobs.json invalid (kept last good)"
@@ -337,7 +450,7 @@ class Daemon:
                 self.engine.bind(tg)
                 # Jobs first: recover() decides retries by each job's `retries`.
                 with collection_paused():
-                    self.load_jobs(startup=True)
+                    self._load_at_startup()
                     self.engine.recover()
                     self.engine.catch_up()
                     self.engine.start_pending_retries()
@@ -367,6 +480,7 @@ class Daemon:
             watching.__exit__(None, None, None)
             await self.provider.aclose()
             self._save_memo()
+            self._save_settled()
             self._set_meta(META_DAEMON, None)
             self.db.close()
         log.info("daemon.stopped", pid=os.getpid())
@@ -447,7 +561,11 @@ class Daemon:
 
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(watch_jobs_file, self.config.jobs, self._on_jobs_changed)
+                await tg.start(
+                    partial(watch_jobs_file, debounce_ms=WATCH_DEBOUNCE_MS),
+                    self.config.jobs,
+                    self._on_jobs_changed,
+                )
                 log.info("watch.started", path=str(self.config.jobs))
                 await self._on_jobs_changed()
         except Exception as exc:  # a watcher failure must not take the fire path down
@@ -515,6 +633,44 @@ class Daemon:
         self.engine.config = config
         log.info("config.reloaded", source=str(config.source) if config.source else None)
         self.load_jobs()
+
+
+class DeferredJobs(Mapping[str, Job]):
+    """The job table of a start-up that found jobs.json as it last applied it (see the mark).
+
+    Until first used only its size is known; the first lookup loads the file through ``load``,
+    which applies it to the Engine (replacing this table there) and returns the new table.
+    """
+
+    def __init__(self, load: Callable[[], Mapping[str, Job]], *, count: int, active: int) -> None:
+        self._load = load
+        self._jobs: Mapping[str, Job] | None = None
+        self._count = count
+        self.active = active  # how many of them are enabled and not paused
+
+    @property
+    def loaded(self) -> bool:
+        return self._jobs is not None
+
+    def _table(self) -> Mapping[str, Job]:
+        if self._jobs is None:
+            jobs = self._load()
+            if isinstance(jobs, DeferredJobs):
+                raise StateError("the jobs of the settled start-up could not be loaded")
+            self._jobs = jobs
+        return self._jobs
+
+    def __getitem__(self, job_id: str) -> Job:
+        return self._table()[job_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return self._count if self._jobs is None else len(self._jobs)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._table()
 
 
 class _KnownSchedules(Mapping[str, str]):

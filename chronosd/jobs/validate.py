@@ -162,6 +162,7 @@ def validate_document(
     first_index: dict[str, int] = {}
     remembered = memo if memo is not None and memo.defaults == defaults else None
     renewed = ValidationMemo(defaults) if memo is not None else None
+    complete = True  # every record's result is in the renewed memo
     for index, (record, record_id) in enumerate(zip(records, ids, strict=True)):
         key = None if renewed is None or record_id is None else _memo_key(record)
         entry = None if key is None or remembered is None else remembered.lookup(key, record)
@@ -170,7 +171,9 @@ def validate_document(
                 record, index, defaults=defaults, now=now, known_schedules=known_schedules
             )
             if key is not None and renewed is not None and timeless:
-                renewed.remember(key, job, job_problems)
+                complete = renewed.remember(key, job, job_problems) and complete
+            else:
+                complete = False
         else:
             assert key is not None and renewed is not None and remembered is not None
             renewed.adopt(key, remembered)
@@ -196,6 +199,8 @@ def validate_document(
         first_index[record_id] = index
         if job is not None:
             jobs.append(job)
+    if renewed is not None:
+        renewed.complete = complete
     return Validated(tuple(jobs), tuple(problems), tuple(fatal_problems), renewed)
 
 
@@ -389,6 +394,9 @@ class ValidationMemo:
     def __init__(self, defaults: JobDefaults) -> None:
         self.defaults = defaults
         self.digest: str | None = None  # sha256 of the jobs.json these results came from
+        # Whether every record of that file has its result here: then validating the same
+        # file again cannot come out differently (nothing in it consults the time or state).
+        self.complete = False
         self._entries: dict[str, _MemoEntry] = {}
         # Stored forms (from loads()), rebuilt into entries on first use. adopt() does not
         # carry them along: a daemon keeps the memo, and 10,000 of them are ~10 MB.
@@ -414,12 +422,16 @@ class ValidationMemo:
         self._entries[key] = entry
         return entry
 
-    def remember(self, key: str, job: Job | None, problems: list[Problem]) -> None:
-        """Keep a fresh result (one that consulted no time; see _Checker.consulted_time)."""
+    def remember(self, key: str, job: Job | None, problems: list[Problem]) -> bool:
+        """Keep a fresh result (one that consulted no time; see _Checker.consulted_time).
+
+        Returns whether it was kept (an ``at`` schedule never is).
+        """
         if job is not None and job.schedule.at is not None:
-            return
+            return False
         self._entries[key] = (job, tuple(problems))
         self._stored.pop(key, None)
+        return True
 
     def adopt(self, key: str, source: ValidationMemo) -> None:
         """Take over the entry ``source.lookup`` just returned for ``key``."""
@@ -436,7 +448,7 @@ class ValidationMemo:
             for key, (job, problems) in self._entries.items()
             if key not in self._stored
         )
-        head = {"stamp": _memo_stamp(self.defaults), "digest": self.digest}
+        head = {"stamp": memo_stamp(self.defaults), "digest": self.digest}
         body = f'{encode(head)[:-1]},"entries":{{{",".join(parts)}}}}}'
         return f"{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
 
@@ -451,7 +463,7 @@ class ValidationMemo:
             if not newline or hashlib.sha256(body.encode()).hexdigest() != checksum:
                 return memo
             data = json.loads(body)
-            if data["stamp"] != _memo_stamp(defaults):
+            if data["stamp"] != memo_stamp(defaults):
                 return memo
             digest, entries = data["digest"], data["entries"]
         except (ValueError, TypeError, KeyError, UnicodeError, RecursionError):
@@ -469,7 +481,7 @@ def _memo_key(record: object) -> str | None:
         return None
 
 
-def _memo_stamp(defaults: JobDefaults) -> list[Any]:
+def memo_stamp(defaults: JobDefaults) -> list[Any]:
     """What a stored result depends on besides the record: format, defaults, the checking code."""
     from chronosd import durations
     from chronosd.jobs import model, schedule
