@@ -41,9 +41,15 @@ from chronosd.http.server import (
     format_listener_address,
     listener_from_fd,
 )
-from chronosd.jobs.file import check_file_safety, read_jobs_file
+from chronosd.jobs.file import check_file_safety, read_job_records, read_jobs_file
 from chronosd.jobs.model import Job
-from chronosd.jobs.validate import JobDefaults, ValidationMemo, memo_stamp, validate_document
+from chronosd.jobs.validate import (
+    JobDefaults,
+    ValidationMemo,
+    memo_stamp,
+    validate_document,
+    validate_job,
+)
 from chronosd.log import get_logger
 from chronosd.providers.base import Provider
 from chronosd.providers.local import LocalProvider
@@ -126,6 +132,8 @@ class Daemon:
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
         self._settled_at_start: dict[str, Any] | None = None  # the mark found at start-up
+        # Records of the file a settled start-up deferred, by id (see _deferred_job).
+        self._deferred_records: dict[str, tuple[int, object]] | None = None
         self.server: HTTPServer | None = None
         self._stopping = False
         self._conn_held = False
@@ -320,8 +328,35 @@ class Daemon:
             return
         self.jobs_digest = digest
         self.jobs_error = None
-        self.engine.jobs = DeferredJobs(self._load_deferred, count=count, active=active)
+        self.engine.jobs = DeferredJobs(
+            self._load_deferred, self._deferred_job, count=count, active=active
+        )
         log.info("jobs.loaded", path=str(path), jobs=count, deferred=True)
+
+    def _deferred_job(self, job_id: str) -> Job | None:
+        """One job of the file a settled start-up deferred, validated alone (DeferredJobs).
+
+        The file was applied as it is, so its ids are unique and every record's result
+        depends on the record alone (the mark's condition): the job is what validating the
+        whole file would give. Raises JobsFileError when the file is no longer that one.
+        """
+        if self._deferred_records is None:
+            digest, records = read_job_records(self.config.jobs)
+            if digest != self.jobs_digest:
+                raise JobsFileError("jobs.json changed since the start-up")
+            self._deferred_records = records
+        found = self._deferred_records.get(job_id)
+        if found is None:
+            return None
+        index, record = found
+        job, _problems = validate_job(
+            record,
+            index,
+            defaults=job_defaults(self.config),
+            now=utc_now(),
+            known_schedules=_KnownSchedules(self.db),
+        )
+        return job
 
     def _load_deferred(self) -> Mapping[str, Job]:
         """Load and apply the file a settled start-up found unchanged (DeferredJobs' loader)."""
@@ -635,18 +670,49 @@ class Daemon:
         self.load_jobs()
 
 
+class _NeedsLoad(Exception):
+    """A DeferredJobs lookup that only loading the whole file can answer."""
+
+
 class DeferredJobs(Mapping[str, Job]):
     """The job table of a start-up that found jobs.json as it last applied it (see the mark).
 
-    Until first used only its size is known; the first lookup loads the file through ``load``,
-    which applies it to the Engine (replacing this table there) and returns the new table.
+    Until loaded only its size is known. A lookup of one job (a fire, its re-arm, a job due)
+    validates that job alone through ``lookup`` (None: no such job); past POINT_LOOKUPS of
+    them, or when ``lookup`` cannot answer, or for anything that needs every job, the file
+    is loaded through ``load``, which applies it to the Engine (replacing this table there)
+    and returns the new table.
     """
 
-    def __init__(self, load: Callable[[], Mapping[str, Job]], *, count: int, active: int) -> None:
+    POINT_LOOKUPS = 64
+
+    def __init__(
+        self,
+        load: Callable[[], Mapping[str, Job]],
+        lookup: Callable[[str], Job | None],
+        *,
+        count: int,
+        active: int,
+    ) -> None:
         self._load = load
+        self._lookup = lookup
         self._jobs: Mapping[str, Job] | None = None
+        self._found: dict[str, Job | None] = {}
         self._count = count
         self.active = active  # how many of them are enabled and not paused
+
+    def _point(self, job_id: str) -> Job | None:
+        """The job by a lookup of its own; raises _NeedsLoad when only a load can tell."""
+        if job_id in self._found:
+            return self._found[job_id]
+        if len(self._found) >= self.POINT_LOOKUPS:
+            raise _NeedsLoad(job_id)
+        try:
+            job = self._lookup(job_id)
+        except ChronosError as exc:
+            raise _NeedsLoad(job_id) from exc
+        self._found[job_id] = job
+        return job
 
     @property
     def loaded(self) -> bool:
@@ -661,6 +727,15 @@ class DeferredJobs(Mapping[str, Job]):
         return self._jobs
 
     def __getitem__(self, job_id: str) -> Job:
+        if self._jobs is None:
+            try:
+                job = self._point(job_id)
+            except _NeedsLoad:
+                pass
+            else:
+                if job is None:
+                    raise KeyError(job_id)
+                return job
         return self._table()[job_id]
 
     def __iter__(self) -> Iterator[str]:
@@ -670,6 +745,12 @@ class DeferredJobs(Mapping[str, Job]):
         return self._count if self._jobs is None else len(self._jobs)
 
     def __contains__(self, job_id: object) -> bool:
+        if isinstance(job_id, str):
+            try:
+                self[job_id]
+            except KeyError:
+                return False
+            return True
         return job_id in self._table()
 
 

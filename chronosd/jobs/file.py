@@ -144,6 +144,27 @@ def read_jobs_file(
     )
 
 
+def read_job_records(path: str | os.PathLike[str]) -> tuple[str, dict[str, tuple[int, object]]]:
+    """The sha256 of jobs.json and its records by id ({id: (index, record)}), unvalidated.
+
+    Read, checked and parsed as read_jobs_file does (same errors); a record without a text
+    id is left out, and of records sharing an id the first is kept.
+    """
+    file_path = Path(path)
+    raw, _info = _read(file_path, check_safety=True)
+    doc, _duplicates = _parse(file_path, raw)
+    records = doc.get("jobs") if isinstance(doc, dict) else None
+    if not isinstance(records, list):
+        raise _invalid(file_path, 'has no "jobs" list; run chronosd validate')
+    by_id: dict[str, tuple[int, object]] = {}
+    for index, record in enumerate(records):
+        if isinstance(record, dict):
+            job_id = record.get("id")
+            if isinstance(job_id, str):
+                by_id.setdefault(job_id, (index, record))
+    return hashlib.sha256(raw).hexdigest(), by_id
+
+
 def check_file_safety(path: str | os.PathLike[str], *, uid: int | None = None) -> None:
     """Refuse a file that group or others can write, or that is owned by someone else.
 
