@@ -18,8 +18,9 @@ although a fire token needs one signature check. Each segment must be canonical 
 without padding; the signature is checked with the narrowest part of cryptography that can
 (``ed25519``; ``ec`` or ``rsa`` only when such a key is used), before the payload is parsed.
 The claims are then checked as PyJWT would (``exp``, ``aud``, ``iss`` required, audience and
-issuer compared exactly) and the times (``exp``, ``nbf``, ``iat``) against *clock*. httpx and
-cryptography are imported on first use so they stay off the start-up path.
+issuer compared exactly) and the times (``exp``, ``nbf``, ``iat``) against *clock*. The JWKS
+is fetched with chronosd's own HTTP client (`chronosd.http.client`); it and cryptography are
+imported on first use so they stay off the start-up path.
 """
 
 from __future__ import annotations
@@ -493,17 +494,32 @@ class JwtAuth:
         return keys
 
     async def _download(self) -> object | None:
-        import httpx
+        # chronosd's own client (as the NAS provider's), not httpx: importing httpx and
+        # building its client cost ~0.2 s of a wake-up's event loop, and the first fire with
+        # an uncached key holds every other fire of the burst until the JWKS is in.
+        from urllib.parse import urlsplit
 
+        from chronosd.http.client import HTTPClient, RequestFailed
+
+        parts = urlsplit(self._jwks_url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            async with httpx.AsyncClient(timeout=self._http_timeout) as client:
-                response = await client.get(self._jwks_url, headers={"accept": "application/json"})
-            if response.status_code != 200:
-                raise ValueError(f"HTTP {response.status_code} {response.reason_phrase}")
-            if len(response.content) > _MAX_JWKS_BYTES:
-                raise ValueError(f"body over {_MAX_JWKS_BYTES} bytes")
-            document: object = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            client = HTTPClient(
+                f"{parts.scheme}://{parts.netloc}",
+                timeout=self._http_timeout,
+                max_idle=0,
+                max_body=_MAX_JWKS_BYTES,
+            )
+            try:
+                response = await client.request(
+                    "GET", target, headers=(("accept", "application/json"),)
+                )
+            finally:
+                await client.aclose()
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status} {response.reason}".rstrip())
+            document: object = json.loads(response.body)
+        except (RequestFailed, ValueError, UnicodeDecodeError) as exc:
             error = " ".join(str(exc).split()) or type(exc).__name__
             _log().warning("jwks.fetch_failed", url=self._jwks_url, error=error)
             return None
