@@ -219,6 +219,21 @@ class Engine:
             fresh = jobs
         return self._apply(jobs, fresh, self.db.job_summaries(), now, reconcile_all=reconcile_all)
 
+    def apply_changes(
+        self,
+        changed: Sequence[Job],
+        removed: Sequence[str],
+        table: Mapping[str, Job],
+        *,
+        now: datetime | None = None,
+    ) -> JobsDiff:
+        """apply_jobs for an edit known to differ from the applied set only in ``changed``
+        (new or edited jobs) and ``removed`` (ids that left it); ``table`` becomes the job
+        table. For a start-up that compared jobs.json with the file it last applied."""
+        now = _whole(now or self.clock())
+        known = self.db.job_summaries([*(job.id for job in changed), *removed])
+        return self._apply(changed, changed, known, now, reconcile_all=False, table=table)
+
     def _apply(
         self,
         jobs: Sequence[Job],
@@ -227,9 +242,11 @@ class Engine:
         now: datetime,
         *,
         reconcile_all: bool,
+        table: Mapping[str, Job] | None = None,
     ) -> JobsDiff:
         """apply_jobs for the jobs of ``fresh`` (the others are unchanged); ``known`` holds the
-        stored summaries of those jobs and of any job that left the set."""
+        stored summaries of those jobs and of any job that left the set. The job table becomes
+        ``table``, or ``jobs`` by id."""
         diff = diff_jobs({job_id: summary.spec_hash for job_id, summary in known.items()}, fresh)
         touched = set(diff.job_ids())
         for job in fresh:
@@ -269,7 +286,7 @@ class Engine:
                 js = self._replan(job, js, now, keep_next=True)
                 self.db.put_job(js)
                 touched.add(job.id)
-        self.jobs = {job.id: job for job in jobs}
+        self.jobs = {job.id: job for job in jobs} if table is None else table
         # A re-anchor can make a remembered delivery stale: map deliveries afresh.
         self._known.clear()
         if reconcile_all:

@@ -7,6 +7,7 @@ must be what loading the whole file gives.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class Calls:
     def lookup(self, job_id: str) -> Job | None:
         self.lookups.append(job_id)
         if self.fail:
-            raise JobsFileError("jobs.json changed since the start-up")
+            raise JobsFileError("jobs.json changed since it was applied")
         return self.jobs.get(job_id)
 
     def load(self) -> dict[str, Job]:
@@ -41,7 +42,7 @@ class Calls:
         return dict(self.jobs)
 
     def table(self) -> DeferredJobs:
-        return DeferredJobs(self.load, self.lookup, count=len(self.jobs), active=1)
+        return DeferredJobs(self.load, self.lookup, digest="0" * 64, count=len(self.jobs), active=1)
 
 
 def test_one_job_is_looked_up_alone_and_remembered() -> None:
@@ -124,7 +125,7 @@ def test_the_lookup_of_one_job_gives_what_loading_the_file_gives(
     loaded = dict(subject.engine.jobs)
     assert sorted(loaded) == ["every", "off", "plain", "zoned"]  # "bad" skipped
     for job_id in [*loaded, "bad", "missing"]:
-        job = subject._deferred_job(job_id)
+        job = subject._deferred_job(subject.jobs_digest or "", job_id)
         assert job == loaded.get(job_id)
         if job is not None:
             assert job.spec_hash == loaded[job_id].spec_hash
@@ -141,6 +142,150 @@ def test_the_lookup_refuses_a_file_other_than_the_one_applied(
     edited = records()
     edited[0]["schedule"] = "16 3 * * *"
     replace_atomically(tmp_path / "jobs.json", json.dumps({"jobs": edited}))
-    with pytest.raises(JobsFileError, match="changed since the start-up"):
-        subject._deferred_job("plain")
+    with pytest.raises(JobsFileError, match="changed since it was applied"):
+        subject._deferred_job(subject.jobs_digest or "", "plain")
+    subject.db.close()
+
+
+# ------------------------------------------------------------------ an edit at start-up
+def settle(subject: Daemon) -> None:
+    """What a clean exit with every arm confirmed leaves: the mark (arms are not our subject)."""
+    subject.reconciler._pending.clear()
+    assert subject.reconciler.settled
+    subject._save_settled()
+    subject.db.close()
+
+
+def test_an_edit_applied_by_its_changed_records_leaves_what_a_full_load_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = [*records(), *({"id": f"n{i}", "schedule": f"{i} 5 * * *"} for i in range(40))]
+    for record in before[5:]:
+        record["command"] = ["true"]
+    after = [dict(record) for record in before]
+    after[0]["schedule"] = "16 3 * * *"  # rescheduled
+    after[1]["command"] = "y"  # edited
+    after[2]["schedule"] = "every 0s"  # made invalid: skipped, so it leaves
+    del after[10]  # removed
+    after.append({"id": "new", "schedule": "0 6 * * *", "command": ["true"]})  # added
+    subjects = {}
+    for name in ("edit", "full"):
+        root = tmp_path / name
+        root.mkdir()
+        replace_atomically(root / "jobs.json", jobs_text(before))
+        first = daemon(root, monkeypatch)
+        assert first.load_jobs(startup=True)
+        settle(first)
+        replace_atomically(root / "jobs.json", jobs_text(after))
+        subjects[name] = daemon(root, monkeypatch)
+    edit, full = subjects["edit"], subjects["full"]
+    edit._load_at_startup()
+    assert full.load_jobs(startup=True, reconcile_all=False)
+    table = edit.engine.jobs
+    assert isinstance(table, DeferredJobs) and not table.loaded
+    assert len(table) == len(full.engine.jobs) and table.active == sum(
+        job.active for job in full.engine.jobs.values()
+    )
+    assert edit.status_line() == full.status_line()
+    assert (
+        edit.reconciler._pending
+        == full.reconciler._pending
+        == {"plain", "zoned", "every", "n5", "new"}
+    )
+    assert edit.jobs_digest == full.jobs_digest
+
+    def rows(subject: Daemon) -> dict[str, tuple[object, ...]]:
+        return {
+            job_id: (js.spec_hash, js.schedule_key, js.next_fire is None, js.completed)
+            for job_id, js in subject.db.all_jobs().items()
+        }
+
+    assert rows(edit) == rows(full)
+    assert dict(table) == dict(full.engine.jobs)  # loading the whole file agrees
+    for subject in (edit, full):
+        subject.db.close()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["an invalid job", "a repeated id", "a new top-level field", "every job", "a bad file"],
+)
+def test_an_edit_the_comparison_cannot_decide_gets_the_full_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    many = [
+        {"id": f"n{i}", "schedule": f"{i % 60} 5 * * *", "command": ["true"]} for i in range(300)
+    ]
+    replace_atomically(tmp_path / "jobs.json", jobs_text(many))
+    first = daemon(tmp_path, monkeypatch)
+    first.config = dataclasses.replace(first.config, on_invalid_job="reject")
+    assert first.load_jobs(startup=True)
+    settle(first)
+    text: str
+    if edit == "an invalid job":
+        text = jobs_text([*many[:-1], {"id": "n299", "schedule": "61 * * * *"}])
+    elif edit == "a repeated id":
+        text = jobs_text([*many, many[0]])
+    elif edit == "a new top-level field":
+        text = json.dumps({"jobs": many, "version": 2})
+    elif edit == "every job":
+        text = jobs_text([{**record, "command": ["false"]} for record in many])
+    else:
+        text = '{"jobs": ['
+    replace_atomically(tmp_path / "jobs.json", text)
+    subject = daemon(tmp_path, monkeypatch)
+    subject.config = dataclasses.replace(subject.config, on_invalid_job="reject")
+    subject._load_at_startup()
+    assert not isinstance(subject.engine.jobs, DeferredJobs)  # the full load ran
+    if edit in ("an invalid job", "a repeated id", "a bad file"):
+        assert subject.jobs_error  # rejected as a full load rejects it; the last good kept
+        assert len(subject.engine.jobs) == 300
+    subject.db.close()
+
+
+def deferred_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
+    """A daemon whose start-up found the file it applied last (the jobs are deferred)."""
+    replace_atomically(tmp_path / "jobs.json", jobs_text(records()))
+    first = daemon(tmp_path, monkeypatch)
+    assert first.load_jobs(startup=True)
+    settle(first)
+    subject = daemon(tmp_path, monkeypatch)
+    subject._load_at_startup()
+    assert isinstance(subject.engine.jobs, DeferredJobs)
+    return subject
+
+
+def test_an_edit_while_deferred_is_applied_by_its_changed_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subject = deferred_start(tmp_path, monkeypatch)
+    assert subject.engine.jobs["plain"].schedule_text == "15 3 * * *"  # a point lookup
+    for minute in (16, 17):  # twice: the second compares with the first edit
+        edited = records()
+        edited[0]["schedule"] = f"{minute} 3 * * *"
+        replace_atomically(tmp_path / "jobs.json", jobs_text(edited))
+        assert subject.load_jobs()  # what the watcher calls
+        table = subject.engine.jobs
+        assert isinstance(table, DeferredJobs) and not table.loaded
+        assert subject.reconciler._pending >= {"plain"}
+        assert table["plain"].schedule_text == f"{minute} 3 * * *"
+        assert table["zoned"].timezone == "Europe/Berlin"  # unchanged: looked up in the new file
+        state = subject.db.get_job("plain")
+        assert state is not None and state.spec_hash == table["plain"].spec_hash
+    subject.db.close()
+
+
+def test_a_rejected_edit_while_deferred_keeps_the_applied_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subject = deferred_start(tmp_path, monkeypatch)
+    broken = records()
+    broken[0]["schedule"] = "16 3 * * *"
+    broken.append(broken[1])  # a repeated id: the whole file is refused
+    replace_atomically(tmp_path / "jobs.json", jobs_text(broken))
+    assert not subject.load_jobs()
+    assert subject.jobs_error and "zoned" in subject.jobs_error
+    # A lookup now must not read the refused file: the applied jobs are what counts.
+    assert subject.engine.jobs["plain"].schedule_text == "15 3 * * *"
+    assert subject.db.get_job("plain") is not None
     subject.db.close()

@@ -42,13 +42,14 @@ from chronosd.http.server import (
     listener_from_fd,
 )
 from chronosd.jobs.file import check_file_safety, read_job_records, read_jobs_file
-from chronosd.jobs.model import Job
+from chronosd.jobs.model import Job, Problem
 from chronosd.jobs.validate import (
     JobDefaults,
     ValidationMemo,
     memo_stamp,
     validate_document,
     validate_job,
+    validate_record,
 )
 from chronosd.log import get_logger
 from chronosd.providers.base import Provider
@@ -132,8 +133,8 @@ class Daemon:
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
         self._settled_at_start: dict[str, Any] | None = None  # the mark found at start-up
-        # Records of the file a settled start-up deferred, by id (see _deferred_job).
-        self._deferred_records: dict[str, tuple[int, object]] | None = None
+        # The digest and records (by id) of the file whose jobs are deferred (_deferred_job).
+        self._deferred_records: tuple[str, dict[str, tuple[int, object]]] | None = None
         self.server: HTTPServer | None = None
         self._stopping = False
         self._conn_held = False
@@ -184,6 +185,14 @@ class Daemon:
 
     def _load_jobs(self, *, startup: bool, reconcile_all: bool) -> bool:
         path = self.config.jobs
+        jobs = self.engine.jobs
+        if (
+            not startup
+            and isinstance(jobs, DeferredJobs)
+            and not jobs.loaded
+            and self._load_edit(jobs.digest, len(jobs), jobs.active)
+        ):
+            return True  # an edit of the deferred file: its changed records applied alone
         try:
             jobs_file = read_jobs_file(
                 path,
@@ -318,34 +327,154 @@ class Daemon:
         except JobsFileError:
             pass  # the full load below reports it
         count, active = mark.get("jobs"), mark.get("active")
-        if (
-            digest is None
-            or digest != mark.get("file")
-            or not isinstance(count, int)
-            or not isinstance(active, int)
-        ):
+        if digest is None or not isinstance(count, int) or not isinstance(active, int):
             self.load_jobs(startup=True, reconcile_all=False)
+            return
+        if digest != mark.get("file"):
+            if not (mark.get("file") and self._load_edit(mark["file"], count, active)):
+                self.load_jobs(startup=True, reconcile_all=False)
             return
         self.jobs_digest = digest
         self.jobs_error = None
         self.engine.jobs = DeferredJobs(
-            self._load_deferred, self._deferred_job, count=count, active=active
+            self._load_deferred,
+            partial(self._deferred_job, digest),
+            digest=digest,
+            count=count,
+            active=active,
         )
         log.info("jobs.loaded", path=str(path), jobs=count, deferred=True)
 
-    def _deferred_job(self, job_id: str) -> Job | None:
-        """One job of the file a settled start-up deferred, validated alone (DeferredJobs).
+    def _load_edit(self, applied: str, count: int, active: int) -> bool:
+        """Apply an edit of the file a settled exit left applied, by its changed records only.
 
-        The file was applied as it is, so its ids are unique and every record's result
-        depends on the record alone (the mark's condition): the job is what validating the
-        whole file would give. Raises JobsFileError when the file is no longer that one.
+        The records of jobs.json are compared (by ``repr``, as the validation memo keys them)
+        with those of the file last applied (its text is kept in state.db), and only the new,
+        edited and removed ones are validated and applied; the others are looked up when
+        used (DeferredJobs), as after an unchanged start. Returns False, having changed
+        nothing, for anything this cannot decide as a full load would: the full load then
+        runs and reports (a file that does not parse, an invalid job, repeated ids or keys,
+        other top-level fields, a change of more than SMALL_APPLY jobs, a record whose
+        validation consults the time or state.db).
         """
-        if self._deferred_records is None:
-            digest, records = read_job_records(self.config.jobs)
-            if digest != self.jobs_digest:
-                raise JobsFileError("jobs.json changed since the start-up")
-            self._deferred_records = records
-        found = self._deferred_records.get(job_id)
+        from chronosd.fire import SMALL_APPLY
+        from chronosd.jobs.file import read_jobs_document
+
+        try:
+            before_text = self.db.get_meta(META_LAST_GOOD)
+            document = read_jobs_document(self.config.jobs)
+        except ChronosError:
+            return False
+        if (
+            before_text is None
+            or hashlib.sha256(before_text.encode(errors="surrogatepass")).hexdigest() != applied
+        ):
+            return False
+        try:
+            before_doc, after_doc = json.loads(before_text), document.doc
+        except (ValueError, RecursionError):
+            return False
+        if (
+            document.duplicate_keys
+            or not isinstance(before_doc, dict)
+            or not isinstance(after_doc, dict)
+            or before_doc.keys() != after_doc.keys()
+        ):
+            return False
+        before, after = (
+            _records_by_id(before_doc.get("jobs")),
+            _records_by_id(after_doc.get("jobs")),
+        )
+        if before is None or after is None:
+            return False
+        edited = [
+            job_id
+            for job_id, (_, _, key) in after.items()
+            if job_id not in before or before[job_id][2] != key
+        ]
+        gone = [job_id for job_id in before if job_id not in after]
+        if len(edited) + len(gone) > SMALL_APPLY:
+            return False
+        defaults, now, known = job_defaults(self.config), utc_now(), _KnownSchedules(self.db)
+
+        def validated(
+            records: Mapping[str, tuple[int, object, str]], job_id: str
+        ) -> tuple[Job | None, list[Problem]] | None:
+            """The job (None: invalid, skipped) and its problems; None when only a full load
+            can tell (a rejected job, a result that consulted the time or state.db)."""
+            index, record, _ = records[job_id]
+            job, problems, timeless = validate_record(
+                record, index, defaults=defaults, now=now, known_schedules=known
+            )
+            if not timeless or (job is None and self.config.on_invalid_job == "reject"):
+                return None
+            return job, problems
+
+        changed: list[Job] = []
+        removed: list[str] = list(gone)
+        found: dict[str, Job | None] = {}
+        problems: list[Problem] = []
+        for job_id in edited:
+            result = validated(after, job_id)
+            if result is None:
+                return False
+            job, job_problems = result
+            found[job_id] = job
+            problems.extend(job_problems)
+            if job is not None:
+                changed.append(job)
+            elif job_id in before:
+                removed.append(job_id)  # its edit made it invalid: skipped, so it leaves
+        for job_id in [*edited, *gone]:
+            old = validated(before, job_id) if job_id in before else None
+            if old is not None and old[0] is not None:  # what the counts held for it
+                count -= 1
+                active -= old[0].active
+        count += len(changed)
+        active += sum(job.active for job in changed)
+        table = DeferredJobs(
+            self._load_deferred,
+            partial(self._deferred_job, document.digest),
+            digest=document.digest,
+            count=count,
+            active=active,
+        )
+        table.seed(found)
+        self.jobs_digest = document.digest
+        self.jobs_error = None
+        for problem in problems:
+            log.warning(
+                "jobs.problem",
+                path=str(self.config.jobs),
+                problem=str(problem),
+                severity=problem.severity,
+            )
+        diff = self.engine.apply_changes(changed, removed, table)
+        self._save_last_good(document.text)
+        log.info(
+            "jobs.loaded",
+            path=str(self.config.jobs),
+            jobs=count,
+            added=len(diff.added),
+            changed=len(diff.changed),
+            removed=len(diff.removed),
+            deferred=True,
+        )
+        return True
+
+    def _deferred_job(self, applied: str, job_id: str) -> Job | None:
+        """One job of the deferred file whose sha256 is ``applied``, validated alone.
+
+        That file was applied as it is, so its ids are unique, and every record's result
+        depends on the record alone (the mark's condition): the job is what validating the
+        whole file would give. Raises JobsFileError when jobs.json is no longer that file
+        (DeferredJobs then loads it as a whole, which applies or rejects the new one).
+        """
+        if self._deferred_records is None or self._deferred_records[0] != applied:
+            self._deferred_records = read_job_records(self.config.jobs)
+            if self._deferred_records[0] != applied:
+                raise JobsFileError("jobs.json changed since it was applied")
+        found = self._deferred_records[1].get(job_id)
         if found is None:
             return None
         index, record = found
@@ -691,15 +820,21 @@ class DeferredJobs(Mapping[str, Job]):
         load: Callable[[], Mapping[str, Job]],
         lookup: Callable[[str], Job | None],
         *,
+        digest: str,
         count: int,
         active: int,
     ) -> None:
+        self.digest = digest  # sha256 of the jobs.json these jobs are of (applied as it is)
         self._load = load
         self._lookup = lookup
         self._jobs: Mapping[str, Job] | None = None
         self._found: dict[str, Job | None] = {}
         self._count = count
         self.active = active  # how many of them are enabled and not paused
+
+    def seed(self, jobs: Mapping[str, Job | None]) -> None:
+        """Answers known already (jobs just validated and applied); they count as lookups."""
+        self._found.update(jobs)
 
     def _point(self, job_id: str) -> Job | None:
         """The job by a lookup of its own; raises _NeedsLoad when only a load can tell."""
@@ -790,6 +925,23 @@ class _KnownSchedules(Mapping[str, str]):
         if self._all is None:
             self._all = self._db.all_jobs()
         return self._all
+
+
+def _records_by_id(records: object) -> dict[str, tuple[int, object, str]] | None:
+    """{id: (index, record, repr(record))} of a "jobs" list; None if a record has no text id
+    or two share one (only a full load reports those as it should)."""
+    if not isinstance(records, list):
+        return None
+    by_id: dict[str, tuple[int, object, str]] = {}
+    for index, record in enumerate(records):
+        job_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(job_id, str) or job_id in by_id:
+            return None
+        try:
+            by_id[job_id] = (index, record, repr(record))
+        except (ValueError, RecursionError):
+            return None
+    return by_id
 
 
 def _digest_of(path: Path) -> str | None:

@@ -144,25 +144,43 @@ def read_jobs_file(
     )
 
 
+@dataclass(frozen=True)
+class JobsDocument:
+    """jobs.json read, checked and parsed as read_jobs_file does, not validated."""
+
+    digest: str  # sha256 of the bytes
+    text: str
+    doc: object
+    duplicate_keys: tuple[str, ...]  # keys repeated within one object
+
+
+def read_jobs_document(path: str | os.PathLike[str]) -> JobsDocument:
+    """Read, check and parse jobs.json (same errors as read_jobs_file); no validation."""
+    file_path = Path(path)
+    raw, _info = _read(file_path, check_safety=True)
+    text = _decode(file_path, raw)
+    doc, duplicates = _parse_text(file_path, text)
+    return JobsDocument(hashlib.sha256(raw).hexdigest(), text, doc, tuple(duplicates))
+
+
 def read_job_records(path: str | os.PathLike[str]) -> tuple[str, dict[str, tuple[int, object]]]:
     """The sha256 of jobs.json and its records by id ({id: (index, record)}), unvalidated.
 
     Read, checked and parsed as read_jobs_file does (same errors); a record without a text
     id is left out, and of records sharing an id the first is kept.
     """
-    file_path = Path(path)
-    raw, _info = _read(file_path, check_safety=True)
-    doc, _duplicates = _parse(file_path, raw)
+    document = read_jobs_document(path)
+    doc = document.doc
     records = doc.get("jobs") if isinstance(doc, dict) else None
     if not isinstance(records, list):
-        raise _invalid(file_path, 'has no "jobs" list; run chronosd validate')
+        raise _invalid(Path(path), 'has no "jobs" list; run chronosd validate')
     by_id: dict[str, tuple[int, object]] = {}
     for index, record in enumerate(records):
         if isinstance(record, dict):
             job_id = record.get("id")
             if isinstance(job_id, str):
                 by_id.setdefault(job_id, (index, record))
-    return hashlib.sha256(raw).hexdigest(), by_id
+    return document.digest, by_id
 
 
 def check_file_safety(path: str | os.PathLike[str], *, uid: int | None = None) -> None:

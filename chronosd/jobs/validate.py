@@ -222,6 +222,22 @@ def validate_job(
     return job, problems
 
 
+def validate_record(
+    record: object,
+    index: int,
+    *,
+    defaults: JobDefaults,
+    now: datetime,
+    known_schedules: Mapping[str, str] = _NOTHING_KNOWN,
+) -> tuple[Job | None, list[Problem], bool]:
+    """validate_job, and whether the result depends on the record and defaults alone (it
+    consulted neither the time nor state.db, and is not a one-shot at a fixed time)."""
+    job, problems, timeless = _validate_record(
+        record, index, defaults=defaults, now=now, known_schedules=known_schedules
+    )
+    return job, problems, timeless and (job is None or job.schedule.at is None)
+
+
 def _validate_record(
     record: object,
     index: int,

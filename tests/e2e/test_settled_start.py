@@ -121,7 +121,9 @@ def test_other_arm_settings_cost_the_next_start_a_full_pass(lab: Lab) -> None:
         assert after[job_id] == earlier
 
 
-def test_an_edit_after_a_settled_exit_arms_only_the_edited_job(lab: Lab) -> None:
+def test_an_edit_after_a_settled_exit_validates_and_arms_only_the_edited_job(
+    lab: Lab,
+) -> None:
     agent = lab.agent()
     records = far_jobs(agent)
     agent.write_jobs(records)
@@ -130,7 +132,9 @@ def test_an_edit_after_a_settled_exit_arms_only_the_edited_job(lab: Lab) -> None
     agent.write_jobs(records)
     session = start_and_wait(agent)
     assert [e["job_id"] for e in events(session, "arm.confirmed")] == ["weekly"]
-    assert [e.get("deferred") for e in events(session, "jobs.loaded")] == [None]
+    # Compared with the file it applied last: only the edited record was validated.
+    loaded = events(session, "jobs.loaded")
+    assert [(e.get("deferred"), e.get("changed"), e.get("jobs")) for e in loaded] == [(True, 1, 3)]
     assert agent.armed()["weekly"]["fire_at"] == wire(
         next_occurrence("30 5 * * 1", now_utc() - timedelta(seconds=30))
     )
