@@ -116,12 +116,18 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
     return Daemon(load_config(config_path=config), RunOptions(config))
 
 
-def test_the_lookup_of_one_job_gives_what_loading_the_file_gives(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def loaded_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
+    """A daemon that loaded records() as a start-up does."""
     replace_atomically(tmp_path / "jobs.json", jobs_text(records()))
     subject = daemon(tmp_path, monkeypatch)
     assert subject.load_jobs(startup=True)
+    return subject
+
+
+def test_the_lookup_of_one_job_gives_what_loading_the_file_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subject = loaded_daemon(tmp_path, monkeypatch)
     loaded = dict(subject.engine.jobs)
     assert sorted(loaded) == ["every", "off", "plain", "zoned"]  # "bad" skipped
     for job_id in [*loaded, "bad", "missing"]:
@@ -136,9 +142,7 @@ def test_the_lookup_of_one_job_gives_what_loading_the_file_gives(
 def test_the_lookup_refuses_a_file_other_than_the_one_applied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    replace_atomically(tmp_path / "jobs.json", jobs_text(records()))
-    subject = daemon(tmp_path, monkeypatch)
-    assert subject.load_jobs(startup=True)
+    subject = loaded_daemon(tmp_path, monkeypatch)
     edited = records()
     edited[0]["schedule"] = "16 3 * * *"
     replace_atomically(tmp_path / "jobs.json", json.dumps({"jobs": edited}))
@@ -245,10 +249,7 @@ def test_an_edit_the_comparison_cannot_decide_gets_the_full_load(
 
 def deferred_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
     """A daemon whose start-up found the file it applied last (the jobs are deferred)."""
-    replace_atomically(tmp_path / "jobs.json", jobs_text(records()))
-    first = daemon(tmp_path, monkeypatch)
-    assert first.load_jobs(startup=True)
-    settle(first)
+    settle(loaded_daemon(tmp_path, monkeypatch))
     subject = daemon(tmp_path, monkeypatch)
     subject._load_at_startup()
     assert isinstance(subject.engine.jobs, DeferredJobs)

@@ -42,20 +42,9 @@ def test_backoff_grows_and_honours_retry_after() -> None:
 
 @pytest.mark.anyio
 async def test_edits_turn_into_arms_and_cancels_on_local_timers(tmp_path: Path) -> None:
-    db = StateDB.open(tmp_path / "state")
-    clock = lambda: T0  # noqa: E731
     idle = IdleTracker(1.0)
-    provider = LocalProvider(clock)
-    config = Config(jobs=tmp_path / "jobs.json", state_dir=tmp_path / "state")
-    reconciler: Reconciler
-    engine = Engine(
-        config=config,
-        db=db,
-        owner="t:1:x",
-        clock=clock,
-        request_reconcile=lambda ids: reconciler.request(ids),
-    )
-    reconciler = Reconciler(engine=engine, provider=provider, db=db, idle=idle, clock=clock)
+    provider = LocalProvider(lambda: T0)
+    db, engine, reconciler = _rig(tmp_path, provider, idle)
     a = make_job(id="a", schedule="every 60s")
     b = make_job(id="b", schedule="*/10 * * * * *")
     engine.apply_jobs([a, b])
@@ -77,7 +66,7 @@ async def test_edits_turn_into_arms_and_cancels_on_local_timers(tmp_path: Path) 
 
 
 def _rig(
-    tmp_path: Path, provider: LocalProvider | NasProvider
+    tmp_path: Path, provider: LocalProvider | NasProvider, idle: IdleTracker | None = None
 ) -> tuple[StateDB, Engine, Reconciler]:
     db = StateDB.open(tmp_path / "state")
     clock = lambda: T0  # noqa: E731
@@ -90,7 +79,7 @@ def _rig(
         clock=clock,
         request_reconcile=lambda ids: reconciler.request(ids),
     )
-    reconciler = Reconciler(engine=engine, provider=provider, db=db, clock=clock)
+    reconciler = Reconciler(engine=engine, provider=provider, db=db, idle=idle, clock=clock)
     return db, engine, reconciler
 
 
