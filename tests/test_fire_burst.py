@@ -74,8 +74,8 @@ class Rig:
                 await anyio.sleep(0.01)
 
 
-@asynccontextmanager
-async def rig(tmp_path: Path, *jobs: Job) -> AsyncIterator[Rig]:
+def held_engine(tmp_path: Path) -> tuple[Engine, HeldDB, IdleTracker, list[str]]:
+    """An Engine on a HeldDB (its fsyncs wait for the test), and the job ids it re-arms."""
     db = HeldDB.open(tmp_path / "state")
     assert isinstance(db, HeldDB)
     db.rounds = threading.Semaphore(0)
@@ -95,6 +95,12 @@ async def rig(tmp_path: Path, *jobs: Job) -> AsyncIterator[Rig]:
         idle=idle,
         request_reconcile=reconciled.extend,
     )
+    return engine, db, idle, reconciled
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, *jobs: Job) -> AsyncIterator[Rig]:
+    engine, db, idle, reconciled = held_engine(tmp_path)
     async with anyio.create_task_group() as tg:
         engine.bind(tg)
         engine.apply_jobs(list(jobs), now=T0)
@@ -193,21 +199,7 @@ async def test_held_rearms_are_requested_when_the_engine_is_cancelled(
 ) -> None:
     monkeypatch.setattr(fire_module, "_REARM_DEFER", 60.0)
     burst = [f"c{i}" for i in range(3)]
-    db = HeldDB.open(tmp_path / "state")
-    assert isinstance(db, HeldDB)
-    db.rounds = threading.Semaphore(0)
-    db.started = 0
-    config = Config(jobs=tmp_path / "jobs.json", state_dir=tmp_path / "state")
-    reconciled: list[str] = []
-    idle = IdleTracker(idle_exit=None)
-    engine = Engine(
-        config=config,
-        db=db,
-        owner="burst:1:x",
-        clock=Clock(),
-        idle=idle,
-        request_reconcile=reconciled.extend,
-    )
+    engine, db, idle, reconciled = held_engine(tmp_path)
     results: list[FireResult] = []
 
     async def fire(job_id: str) -> None:
