@@ -916,6 +916,14 @@ def cmd_logs(ctx: Context) -> int:
         raise CliError(f"logs: job {job_id}: no runs recorded; chronosd fire {job_id} runs it now")
     try:
         data = run.output_path.read_bytes()
+    except FileNotFoundError as exc:
+        # A run whose process never started (claimed and not started yet, or interrupted
+        # before it started) has no log yet: the runner creates it. That output is empty.
+        if run.pid is not None:
+            raise CliError(
+                f"logs: job {job_id}: run {run.run_id}: its output is gone ({exc.strerror})"
+            ) from None
+        data = b""
     except OSError as exc:
         raise CliError(
             f"logs: job {job_id}: run {run.run_id}: its output is gone ({exc.strerror})"

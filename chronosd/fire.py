@@ -1095,9 +1095,10 @@ class Engine:
                 run_id = self.db.start_run(
                     job.id, occurrence, attempt=attempt, trigger=trigger, now=now
                 ).run_id
-            record = self.db.get_run(run_id)
-            assert record is not None
-            self.db.set_occurrence_state(job.id, occurrence, "running", now=now)
+            # The run was recorded by this process (a claim or start_run above), its
+            # occurrence moved to "running" in the same transaction: neither is read back.
+            # set_run_pid dates the occurrence's "running" at ``now`` once the process exists.
+            output_path = self.db.run_log_path(job.id, run_id)
             runner_cfg = self.config.runner
             spec = RunSpec(
                 argv=resolve_argv(
@@ -1115,7 +1116,7 @@ class Engine:
                 stdin=json.dumps(dict(job.record)).encode(),
                 cwd=job.cwd,
                 timeout=job.timeout,
-                output_path=record.output_path,
+                output_path=output_path,
                 output_max_bytes=runner_cfg.output_max_bytes,
             )
             control = RunControl()

@@ -75,7 +75,7 @@ class RunSpec:
     cwd: str | None
     timeout: float  # seconds; then SIGTERM to the process group
     kill_after: float = 10.0  # seconds after SIGTERM; then SIGKILL to the process group
-    output_path: Path  # the run log, appended to (created 0600 if missing)
+    output_path: Path  # the run log, appended to (created 0600, in 0700 directories, if missing)
     output_max_bytes: int = 1048576  # the tail of the whole log file that is kept
 
     def __post_init__(self) -> None:
@@ -528,7 +528,16 @@ class _RunLog:
         self.job_bytes = 0
         self.error: str | None = None
         self._slack = max(max_bytes, _MIN_SLACK)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            # The claim records the log's path only; the first run of a job makes its
+            # directory, private like the rest of the state directory.
+            from chronosd.state import make_private_dir
+
+            make_private_dir(path.parent)
+            self._fd = os.open(path, flags, 0o600)
         self._size = os.fstat(self._fd).st_size
         self._marker_len = 0
         self._truncated = 0

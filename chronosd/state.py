@@ -346,7 +346,7 @@ class StateDB:
                     isolation_level=None,
                 )
             else:
-                _make_private_dir(state_dir)
+                make_private_dir(state_dir)
                 _make_private_file(path)
                 conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
@@ -736,7 +736,7 @@ class StateDB:
     ) -> None:
         """Take back a claim whose fsync failed, in one transaction.
 
-        Deletes the occurrence and its run (and the run's empty log), counts the start back,
+        Deletes the occurrence and its run (and the run's log, if any), counts the start back,
         and restores ``next_fire``/``completed`` to what they were before the claim
         (``next_fire``, ``completed``) unless something re-planned the job meanwhile
         (``next_fire`` is no longer ``planned``, the value the claim wrote).
@@ -879,7 +879,7 @@ class StateDB:
     def start_run(
         self, job_id: str, scheduled_at: datetime, *, attempt: int, trigger: str, now: datetime
     ) -> RunRecord:
-        """Record a run as started (status ``running``) and create its empty 0600 log.
+        """Record a run as started (status ``running``); its log is created when it starts.
 
         The occurrence moves to ``running`` and to this process as owner, so
         recovery follows whoever actually runs it (a retry may run elsewhere).
@@ -911,80 +911,87 @@ class StateDB:
         durable: bool,
         first: Callable[[sqlite3.Connection], bool] | None,
     ) -> RunRecord | None:
-        """Create the run's empty 0600 log and record the run, in one transaction with
-        ``first`` (which may decline: then nothing is written and None is returned)."""
+        """Record the run, in one transaction with ``first`` (which may decline: then nothing
+        is written and None is returned).
+
+        Only the log's path is recorded: the runner creates the file (and its directory) when
+        the run starts, so a claim costs no file-system work and a run claimed but not started
+        has no log file yet (readers take a missing log as an empty one).
+        """
         stamp, scheduled = _wire(now), _wire(scheduled_at)
-        prefix = parse_instant(stamp).strftime("%Y%m%dT%H%M%SZ")
-        for _ in range(8):
-            run_id = f"{prefix}-{os.urandom(4).hex()}"
-            path, relative = self._run_log(job_id, run_id)
-            with self._guard("creating a run log"):
-                _make_private_dir(path.parent.parent)
-                _make_private_dir(path.parent)
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                except FileExistsError:
-                    continue
-            recorded = False
-            try:
-                with self._write(action, durable=durable) as conn:
-                    if first is None or first(conn):
-                        conn.execute(
-                            'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
-                            "owner, started_at, status, output_path, output_bytes) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0)",
-                            (
-                                run_id,
-                                job_id,
-                                scheduled,
-                                attempt,
-                                trigger,
-                                self.owner,
-                                stamp,
-                                relative,
-                            ),
-                        )
-                        conn.execute(
-                            "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
-                            "WHERE job_id = ? AND scheduled_at = ?",
-                            (self.owner, stamp, job_id, scheduled),
-                        )
-                        recorded = True
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                raise
-            if not recorded:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        started = _instant(stamp)
+        prefix = started.strftime("%Y%m%dT%H%M%SZ")
+        with self._write(action, durable=durable) as conn:
+            if first is not None and not first(conn):
                 return None
-            return RunRecord(
-                run_id=run_id,
-                job_id=job_id,
-                scheduled_at=parse_instant(scheduled),
-                attempt=attempt,
-                trigger=trigger,
-                pid=None,
-                started_at=parse_instant(stamp),
-                ended_at=None,
-                exit_code=None,
-                status="running",
-                output_path=path,
-                output_bytes=0,
-                owner=self.owner,
+            for _ in range(8):
+                run_id = f"{prefix}-{os.urandom(4).hex()}"
+                path, relative = self._run_log(job_id, run_id)
+                # A log left behind by a deleted run (a crash between a prune's commit and
+                # its unlink) must not be appended to: its name counts as taken.
+                if os.path.lexists(path):
+                    continue
+                inserted = conn.execute(
+                    'INSERT INTO runs (run_id, job_id, scheduled_at, attempt, "trigger", '
+                    "owner, started_at, status, output_path, output_bytes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, 0) ON CONFLICT (run_id) DO NOTHING",
+                    (run_id, job_id, scheduled, attempt, trigger, self.owner, stamp, relative),
+                ).rowcount
+                if inserted == 1:
+                    break
+            else:
+                raise StateError(
+                    f"could not pick an unused run id under {path.parent}; check the clock"
+                )
+            conn.execute(
+                "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
+                "WHERE job_id = ? AND scheduled_at = ?",
+                (self.owner, stamp, job_id, scheduled),
             )
-        raise StateError(f"could not pick an unused run id under {path.parent}; check the clock")
+        return RunRecord(
+            run_id=run_id,
+            job_id=job_id,
+            scheduled_at=_instant(scheduled),
+            attempt=attempt,
+            trigger=trigger,
+            pid=None,
+            started_at=started,
+            ended_at=None,
+            exit_code=None,
+            status="running",
+            output_path=path,
+            output_bytes=0,
+            owner=self.owner,
+        )
+
+    def run_log_path(self, job_id: str, run_id: str) -> Path:
+        """Where the log of a run this process recorded is (the ``output_path`` of its
+        RunRecord), without reading the database."""
+        return self._run_log(job_id, run_id)[0]
 
     def set_run_pid(self, run_id: str, pid: int, *, started_at: datetime | None = None) -> None:
         """Record the pid of a run's process, and when given, when it really started (a run
-        recorded at an early claim starts at its instant, not at the claim)."""
-        with self._guard("recording a run's pid"):
-            if started_at is None:
+        recorded at an early claim starts at its instant, not at the claim).
+
+        With ``started_at`` the run's occurrence is also marked ``running`` as of that instant,
+        in the same transaction (the claim already moved it to ``running``; this dates it).
+        """
+        if started_at is None:
+            with self._guard("recording a run's pid"):
                 self._db.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (pid, run_id))
-            else:
-                self._db.execute(
-                    "UPDATE runs SET pid = ?, started_at = ? WHERE run_id = ?",
-                    (pid, _wire(started_at), run_id),
+            return
+        stamp = _wire(started_at)
+        with self._write("recording a run's pid") as conn:
+            row = conn.execute(
+                "UPDATE runs SET pid = ?, started_at = ? WHERE run_id = ? "
+                "RETURNING job_id, scheduled_at",
+                (pid, stamp, run_id),
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE occurrences SET state = 'running', updated_at = ? "
+                    "WHERE job_id = ? AND scheduled_at = ?",
+                    (stamp, row[0], row[1]),
                 )
 
     def finish_run(
@@ -1231,7 +1238,7 @@ class SyncGroup:
 # --------------------------------------------------------------------------- files
 
 
-def _make_private_dir(path: Path) -> None:
+def make_private_dir(path: Path) -> None:
     """Create a directory 0700 (whatever the umask), and its missing parents 0700 too.
 
     Existing directories are left as they are. Parents matter: whoever can write one could

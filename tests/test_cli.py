@@ -751,6 +751,54 @@ def test_logs_of_a_job_without_runs_exits_1(
     assert cli("logs", "london", "20000101T000000Z-00000000").code == 1
 
 
+def test_logs_and_runs_of_a_run_not_started_yet_show_empty_output(
+    setup: Setup, cli: Callable[..., Result]
+) -> None:
+    # A claim records the run and its log path; the runner creates the log when it starts.
+    write_jobs(setup.jobs, SAMPLE)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with StateDB.open(setup.state) as db:
+        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+    assert not run.output_path.exists()
+    (listed,) = cli("runs", "tick", "--json").json()
+    assert (listed["run_id"], listed["status"]) == (run.run_id, "running")
+    assert run.run_id in cli("runs").out
+    newest = cli("logs", "tick")
+    assert (newest.code, newest.out, newest.err) == (0, "", "")
+    by_id = cli("logs", "tick", run.run_id, "--json")
+    assert by_id.code == 0
+    assert by_id.json()["output"] == "" and by_id.json()["status"] == "running"
+
+
+def test_logs_of_a_run_interrupted_before_it_started_show_empty_output(
+    setup: Setup, cli: Callable[..., Result]
+) -> None:
+    write_jobs(setup.jobs, SAMPLE)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with StateDB.open(setup.state, owner="host:1:dead") as db:
+        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+    with StateDB.open(setup.state) as db:
+        (interrupted,) = db.recover_interrupted(now=now, is_alive=lambda owner: False)
+    assert interrupted.run_id == run.run_id and interrupted.status == "interrupted"
+    result = cli("logs", "tick", "--json")
+    assert result.code == 0
+    assert result.json()["output"] == "" and result.json()["status"] == "interrupted"
+
+
+def test_logs_of_a_started_run_whose_log_was_deleted_still_exits_1(
+    setup: Setup, cli: Callable[..., Result]
+) -> None:
+    write_jobs(setup.jobs, SAMPLE)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with StateDB.open(setup.state) as db:
+        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+        db.set_run_pid(run.run_id, 4321, started_at=now)  # it started: it had a log
+        db.finish_run(run.run_id, status="ok", exit_code=0, now=now, output_bytes=3)
+    result = cli("logs", "tick")
+    assert result.code == 1
+    assert_one_line_error(result, f"logs: job tick: run {run.run_id}: its output is gone")
+
+
 def test_fire_of_an_unknown_job_exits_1(setup: Setup, sub: Callable[..., Result]) -> None:
     write_jobs(setup.jobs, SAMPLE)
     result = sub("fire", "ghost")

@@ -479,13 +479,14 @@ async def test_non_executable_file_is_a_spawn_error(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_unwritable_run_log_is_a_spawn_error_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
+    (tmp_path / "not-a-dir").write_text("")  # unusable even by root
     spec = RunSpec(
         argv=("/bin/sh", "-c", f"touch '{marker}'"),
         env={},
         stdin=b"{}",
         cwd=None,
         timeout=5,
-        output_path=tmp_path / "missing-dir" / "run.log",
+        output_path=tmp_path / "not-a-dir" / "run.log",
     )
     outcome = await run(spec)
     assert outcome.status == "spawn-error"

@@ -134,14 +134,15 @@ def test_reopening_keeps_data(tmp_path: Path) -> None:
         assert second.get_meta("last_reconcile") == "ok"
 
 
-def test_run_log_is_created_empty_and_private_under_runs_job_dir(db: StateDB) -> None:
+def test_run_log_path_is_recorded_under_runs_job_dir_and_created_only_when_the_run_starts(
+    db: StateDB,
+) -> None:
     run = db.start_run("backup", T0, attempt=1, trigger="schedule", now=T0)
-    assert run.output_path.parent == db.state_dir / "runs" / "backup"
-    assert run.output_path.name == f"{run.run_id}.log"
-    assert run.output_path.read_bytes() == b""
-    assert _mode(run.output_path) == 0o600
-    assert _mode(run.output_path.parent) == 0o700
-    assert _mode(run.output_path.parent.parent) == 0o700
+    assert run.output_path == db.state_dir / "runs" / "backup" / f"{run.run_id}.log"
+    assert db.get_run(run.run_id) == run
+    assert db.run_log_path("backup", run.run_id) == run.output_path
+    # The claim's transaction does no file-system work: the runner creates the log.
+    assert not (db.state_dir / "runs").exists()
 
 
 @pytest.mark.parametrize(
@@ -160,7 +161,8 @@ def test_longest_allowed_job_id_gets_a_run_log(db: StateDB) -> None:
     job_id = "a" + "b.c_d-" * 10 + "xyz"
     assert len(job_id) == 64
     run = db.start_run(job_id, T0, attempt=1, trigger="manual", now=T0)
-    assert run.output_path.exists()
+    assert run.output_path.name == f"{run.run_id}.log"
+    assert run.output_path.parent.name == job_id
 
 
 # --------------------------------------------------------------------------- job state
@@ -456,6 +458,7 @@ def test_prune_runs_keeps_the_newest_and_deletes_older_rows_and_logs(db: StateDB
     runs = []
     for i in range(6):
         run = db.start_run("backup", T0 + i * MINUTE, attempt=1, trigger="schedule", now=T0)
+        run.output_path.parent.mkdir(parents=True, exist_ok=True)  # as the runner does
         run.output_path.write_text(f"output {i}\n")
         db.finish_run(run.run_id, status="ok", exit_code=0, now=T0, output_bytes=9)
         runs.append(run)
@@ -469,12 +472,14 @@ def test_prune_runs_keeps_the_newest_and_deletes_older_rows_and_logs(db: StateDB
         assert db.get_run(run.run_id) is None
     for run in runs[4:]:
         assert run.output_path.read_text().startswith("output")
-    assert db.get_run(other.run_id) is not None and other.output_path.exists()
+    assert db.get_run(other.run_id) is not None
     assert db.prune_runs("backup", keep=2) == 0
 
 
 def test_prune_runs_never_deletes_a_running_run(db: StateDB) -> None:
     oldest = db.start_run("backup", T0, attempt=1, trigger="schedule", now=T0)
+    oldest.output_path.parent.mkdir(parents=True)  # started: the runner made its log
+    oldest.output_path.write_text("still running\n")
     for _ in range(3):
         run = db.start_run("backup", T0, attempt=1, trigger="schedule", now=T0)
         db.finish_run(run.run_id, status="ok", exit_code=0, now=T0, output_bytes=0)
