@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from chronosd.cli import main
 from chronosd.jobs.validate import JobDefaults, schedule_key, validate_job
-from chronosd.state import JobState, StateDB, owner_token
+from chronosd.state import JobState, RunRecord, StateDB, owner_token
 from chronosd.timefmt import parse_instant, to_wire
 
 WAIT = 30.0
@@ -751,14 +751,20 @@ def test_logs_of_a_job_without_runs_exits_1(
     assert cli("logs", "london", "20000101T000000Z-00000000").code == 1
 
 
+def claimed_run(setup: Setup, owner: str | None = None) -> tuple[RunRecord, datetime]:
+    """A run of "tick" recorded as a claim records it (not started), and its instant."""
+    write_jobs(setup.jobs, SAMPLE)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with StateDB.open(setup.state, owner=owner) as db:
+        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+    return run, now
+
+
 def test_logs_and_runs_of_a_run_not_started_yet_show_empty_output(
     setup: Setup, cli: Callable[..., Result]
 ) -> None:
     # A claim records the run and its log path; the runner creates the log when it starts.
-    write_jobs(setup.jobs, SAMPLE)
-    now = datetime.now(UTC).replace(microsecond=0)
-    with StateDB.open(setup.state) as db:
-        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+    run, _now = claimed_run(setup)
     assert not run.output_path.exists()
     (listed,) = cli("runs", "tick", "--json").json()
     assert (listed["run_id"], listed["status"]) == (run.run_id, "running")
@@ -773,10 +779,7 @@ def test_logs_and_runs_of_a_run_not_started_yet_show_empty_output(
 def test_logs_of_a_run_interrupted_before_it_started_show_empty_output(
     setup: Setup, cli: Callable[..., Result]
 ) -> None:
-    write_jobs(setup.jobs, SAMPLE)
-    now = datetime.now(UTC).replace(microsecond=0)
-    with StateDB.open(setup.state, owner="host:1:dead") as db:
-        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
+    run, now = claimed_run(setup, owner="host:1:dead")
     with StateDB.open(setup.state) as db:
         (interrupted,) = db.recover_interrupted(now=now, is_alive=lambda owner: False)
     assert interrupted.run_id == run.run_id and interrupted.status == "interrupted"
@@ -788,10 +791,8 @@ def test_logs_of_a_run_interrupted_before_it_started_show_empty_output(
 def test_logs_of_a_started_run_whose_log_was_deleted_still_exits_1(
     setup: Setup, cli: Callable[..., Result]
 ) -> None:
-    write_jobs(setup.jobs, SAMPLE)
-    now = datetime.now(UTC).replace(microsecond=0)
+    run, now = claimed_run(setup)
     with StateDB.open(setup.state) as db:
-        run = db.start_run("tick", now, attempt=1, trigger="schedule", now=now)
         db.set_run_pid(run.run_id, 4321, started_at=now)  # it started: it had a log
         db.finish_run(run.run_id, status="ok", exit_code=0, now=now, output_bytes=3)
     result = cli("logs", "tick")
