@@ -921,14 +921,23 @@ def test_nonce_is_accepted_once_until_it_expires(db: StateDB) -> None:
     assert db.remember_nonce("jti-1", expires=T0 + 20 * MINUTE, now=expires)
 
 
-def test_expired_nonces_are_pruned(db: StateDB) -> None:
+def test_expired_nonces_are_pruned_at_most_every_purge_interval(db: StateDB) -> None:
+    def left() -> int:
+        raw = _raw(db)
+        (count,) = raw.execute("SELECT count(*) FROM nonces").fetchone()
+        raw.close()
+        return int(count)
+
     for i in range(10):
         db.remember_nonce(f"n{i}", expires=T0 + i * MINUTE, now=T0)
-    db.remember_nonce("fresh", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
-    raw = _raw(db)
-    (left,) = raw.execute("SELECT count(*) FROM nonces").fetchone()
-    raw.close()
-    assert left == 5  # n6..n9 and fresh
+    assert db.remember_nonce("fresh", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    assert left() == 10  # the first check purged (n0, expired at once); the next ones wait
+    # An expired row does not block its nonce meanwhile: it is taken over.
+    assert db.remember_nonce("n2", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    assert not db.remember_nonce("n7", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    db._nonce_purge_at = 0.0  # as if NONCE_PURGE_EVERY had passed
+    assert db.remember_nonce("later", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    assert left() == 7  # n2 (taken over), n6..n9, fresh, later
 
 
 def test_job_summaries_report_what_applying_jobs_compares(db: StateDB) -> None:
