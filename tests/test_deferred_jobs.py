@@ -290,3 +290,21 @@ def test_a_rejected_edit_while_deferred_keeps_the_applied_jobs(
     assert subject.engine.jobs["plain"].schedule_text == "15 3 * * *"
     assert subject.db.get_job("plain") is not None
     subject.db.close()
+
+
+def test_an_edit_that_only_changes_a_value_s_json_type_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # false == 0 and 1 == 1.0 in Python: the comparison must still see these edits.
+    subject = deferred_start(tmp_path, monkeypatch)
+    edited = records()
+    assert edited[3]["id"] == "off" and edited[3]["enabled"] is False
+    edited[3]["enabled"] = 0  # not a boolean: the job is invalid now (skipped)
+    replace_atomically(tmp_path / "jobs.json", jobs_text(edited))
+    assert subject.load_jobs()
+    table = subject.engine.jobs
+    assert isinstance(table, DeferredJobs) and not table.loaded
+    assert "off" not in table
+    assert "off" in subject.reconciler._pending
+    assert subject.db.get_job("off") is not None  # until the reconciler cancels and forgets it
+    subject.db.close()

@@ -132,6 +132,7 @@ class Daemon:
         self._memo_saved: str | None = None  # digest of the jobs.json whose memo state.db holds
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
+        self._last_good_pending: str | None = None  # applied, not yet written to META_LAST_GOOD
         self._settled_at_start: dict[str, Any] | None = None  # the mark found at start-up
         # The digest and records (by id) of the file whose jobs are deferred (_deferred_job).
         self._deferred_records: tuple[str, dict[str, tuple[int, object]]] | None = None
@@ -259,10 +260,26 @@ class Daemon:
             await self._memo_changed.wait()
             self._memo_changed = anyio.Event()
             await anyio.sleep(MEMO_SAVE_DELAY)
+            self._flush_last_good()
             self._save_memo()
 
+    def _last_good_text(self) -> str | None:
+        """The text of the file applied last (written to state.db, or about to be)."""
+        if self._last_good_pending is not None:
+            return self._last_good_pending
+        return self.db.get_meta(META_LAST_GOOD)
+
+    def _flush_last_good(self) -> None:
+        text = self._last_good_pending
+        if text is not None:
+            self._save_last_good(text)
+
     def _save_last_good(self, text: str) -> None:
-        """Keep the text of the file just applied; an unchanged one is not written again."""
+        """Keep the text of the file just applied; an unchanged one is not written again.
+
+        A failed write stays pending (see _last_good_pending) and is tried again later.
+        """
+        self._last_good_pending = text
         digest = hashlib.sha256(text.encode()).hexdigest()
         if self._last_good_digest is None:
             stored: str | None = None
@@ -275,8 +292,9 @@ class Daemon:
                 if stored is None
                 else hashlib.sha256(stored.encode(errors="surrogatepass")).hexdigest()
             )
-        if digest != self._last_good_digest and self._set_meta(META_LAST_GOOD, text):
+        if digest == self._last_good_digest or self._set_meta(META_LAST_GOOD, text):
             self._last_good_digest = digest
+            self._last_good_pending = None
 
     # ---------------------------------------------------------------- the settled mark
     # A start-up used to compare every job's arm with its plan (reconcile_all), and to read and
@@ -358,11 +376,14 @@ class Daemon:
         validation consults the time or state.db).
         """
         from chronosd.fire import SMALL_APPLY
-        from chronosd.jobs.file import read_jobs_document
+        from chronosd.jobs.file import read_jobs_document, tag_float, tag_int, untag
 
         try:
-            before_text = self.db.get_meta(META_LAST_GOOD)
-            document = read_jobs_document(self.config.jobs)
+            before_text = self._last_good_text()
+            # Numbers tagged: records then compare equal only when their validation cannot
+            # differ (1, 1.0 and true are equal as plain values). Records that differ are
+            # untagged before they are validated.
+            document = read_jobs_document(self.config.jobs, tagged=True)
         except ChronosError:
             return False
         if (
@@ -371,9 +392,10 @@ class Daemon:
         ):
             return False
         try:
-            before_doc, after_doc = json.loads(before_text), document.doc
+            before_doc = json.loads(before_text, parse_int=tag_int, parse_float=tag_float)
         except (ValueError, RecursionError):
             return False
+        after_doc = document.doc
         if (
             document.duplicate_keys
             or not isinstance(before_doc, dict)
@@ -389,8 +411,8 @@ class Daemon:
             return False
         edited = [
             job_id
-            for job_id, (_, _, key) in after.items()
-            if job_id not in before or before[job_id][2] != key
+            for job_id, (_, record) in after.items()
+            if job_id not in before or before[job_id][1] != record
         ]
         gone = [job_id for job_id in before if job_id not in after]
         if len(edited) + len(gone) > SMALL_APPLY:
@@ -398,11 +420,16 @@ class Daemon:
         defaults, now, known = job_defaults(self.config), utc_now(), _KnownSchedules(self.db)
 
         def validated(
-            records: Mapping[str, tuple[int, object, str]], job_id: str
+            records: Mapping[str, tuple[int, object]], job_id: str
         ) -> tuple[Job | None, list[Problem]] | None:
             """The job (None: invalid, skipped) and its problems; None when only a full load
-            can tell (a rejected job, a result that consulted the time or state.db)."""
-            index, record, _ = records[job_id]
+            can tell (a rejected job, a result that consulted the time or state.db, a number
+            Python cannot hold)."""
+            index, tagged = records[job_id]
+            try:
+                record = untag(tagged)
+            except ValueError:
+                return None
             job, problems, timeless = validate_record(
                 record, index, defaults=defaults, now=now, known_schedules=known
             )
@@ -450,7 +477,10 @@ class Daemon:
                 severity=problem.severity,
             )
         diff = self.engine.apply_changes(changed, removed, table)
-        self._save_last_good(document.text)
+        # Written a little later (with the memo) or on the way out: until it is, a start-up
+        # finds no mark for this file (apply_changes wrote job_state) and loads it in full.
+        self._last_good_pending = document.text
+        self._memo_changed.set()
         log.info(
             "jobs.loaded",
             path=str(self.config.jobs),
@@ -499,7 +529,12 @@ class Daemon:
             return
         value: str | None = None
         jobs = self.engine.jobs
-        if self.reconciler.settled and self.jobs_error is None and self.jobs_digest is not None:
+        if (
+            self.reconciler.settled
+            and self.jobs_error is None
+            and self.jobs_digest is not None
+            and self._last_good_pending is None  # the mark's file must be the last good one
+        ):
             if isinstance(jobs, DeferredJobs) and not jobs.loaded:
                 count, active = len(jobs), jobs.active
             else:
@@ -523,7 +558,7 @@ class Daemon:
         self._set_meta(META_ARMS_SETTLED, value)
 
     def _restore_last_good(self) -> None:
-        text = self.db.get_meta(META_LAST_GOOD)
+        text = self._last_good_text()
         if not text:
             self.engine.apply_jobs([], reconcile_all=True)
             return
@@ -643,6 +678,7 @@ class Daemon:
         finally:
             watching.__exit__(None, None, None)
             await self.provider.aclose()
+            self._flush_last_good()
             self._save_memo()
             self._save_settled()
             self._set_meta(META_DAEMON, None)
@@ -927,20 +963,17 @@ class _KnownSchedules(Mapping[str, str]):
         return self._all
 
 
-def _records_by_id(records: object) -> dict[str, tuple[int, object, str]] | None:
-    """{id: (index, record, repr(record))} of a "jobs" list; None if a record has no text id
-    or two share one (only a full load reports those as it should)."""
+def _records_by_id(records: object) -> dict[str, tuple[int, object]] | None:
+    """{id: (index, record)} of a "jobs" list; None if a record has no text id or two share
+    one (only a full load reports those as it should)."""
     if not isinstance(records, list):
         return None
-    by_id: dict[str, tuple[int, object, str]] = {}
+    by_id: dict[str, tuple[int, object]] = {}
     for index, record in enumerate(records):
         job_id = record.get("id") if isinstance(record, dict) else None
         if not isinstance(job_id, str) or job_id in by_id:
             return None
-        try:
-            by_id[job_id] = (index, record, repr(record))
-        except (ValueError, RecursionError):
-            return None
+        by_id[job_id] = (index, record)
     return by_id
 
 

@@ -154,13 +154,44 @@ class JobsDocument:
     duplicate_keys: tuple[str, ...]  # keys repeated within one object
 
 
-def read_jobs_document(path: str | os.PathLike[str]) -> JobsDocument:
-    """Read, check and parse jobs.json (same errors as read_jobs_file); no validation."""
+def read_jobs_document(path: str | os.PathLike[str], *, tagged: bool = False) -> JobsDocument:
+    """Read, check and parse jobs.json (same errors as read_jobs_file); no validation.
+
+    ``tagged``: numbers are parsed as ``tag_number`` gives them (see there).
+    """
     file_path = Path(path)
     raw, _info = _read(file_path, check_safety=True)
     text = _decode(file_path, raw)
-    doc, duplicates = _parse_text(file_path, text)
+    doc, duplicates = _parse_text(file_path, text, tagged=tagged)
     return JobsDocument(hashlib.sha256(raw).hexdigest(), text, doc, tuple(duplicates))
+
+
+def tag_int(text: str) -> tuple[str, str]:
+    """A JSON number in a form that compares equal only to the same literal kind and text.
+
+    Parsed as Python values, ``1``, ``1.0`` and ``true`` are all equal, and validation tells
+    them apart; parsed with these tags (``parse_int=tag_int, parse_float=tag_float``), two
+    records compare equal only when validating them cannot differ. ``untag`` gives the
+    plain value back.
+    """
+    return ("int", text)
+
+
+def tag_float(text: str) -> tuple[str, str]:
+    """See tag_int."""
+    return ("float", text)
+
+
+def untag(value: Any) -> Any:
+    """A value parsed with tag_int/tag_float as json.loads parses it by default."""
+    if isinstance(value, tuple):
+        kind, text = value
+        return int(text) if kind == "int" else float(text)
+    if isinstance(value, dict):
+        return {key: untag(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [untag(item) for item in value]
+    return value
 
 
 def read_job_records(path: str | os.PathLike[str]) -> tuple[str, dict[str, tuple[int, object]]]:
@@ -314,7 +345,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise _invalid(path, f"is not valid UTF-8 ({where}); save the file as UTF-8") from exc
 
 
-def _parse_text(path: Path, text: str) -> tuple[object, list[str]]:
+def _parse_text(path: Path, text: str, *, tagged: bool = False) -> tuple[object, list[str]]:
     """Parse decoded text; return the document and the keys that repeat within an object."""
     if not text.strip():
         raise _invalid(path, 'is empty; write {"jobs": []} for a file without jobs')
@@ -334,7 +365,16 @@ def _parse_text(path: Path, text: str) -> tuple[object, list[str]]:
         raise _invalid(path, f"holds {name}, which JSON does not allow; write a number or text")
 
     try:
-        doc = json.loads(text, object_pairs_hook=build_object, parse_constant=refuse_constant)
+        if tagged:
+            doc = json.loads(
+                text,
+                object_pairs_hook=build_object,
+                parse_constant=refuse_constant,
+                parse_int=tag_int,
+                parse_float=tag_float,
+            )
+        else:
+            doc = json.loads(text, object_pairs_hook=build_object, parse_constant=refuse_constant)
     except json.JSONDecodeError as exc:
         raise _invalid(
             path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
