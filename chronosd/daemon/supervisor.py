@@ -133,7 +133,6 @@ class Daemon:
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
         self._last_good_pending: str | None = None  # applied, not yet written to META_LAST_GOOD
-        self._settled_at_start: dict[str, Any] | None = None  # the mark found at start-up
         # The digest and records (by id) of the file whose jobs are deferred (_deferred_job).
         self._deferred_records: tuple[str, dict[str, tuple[int, object]]] | None = None
         self.server: HTTPServer | None = None
@@ -333,7 +332,7 @@ class Daemon:
         return mark
 
     def _load_at_startup(self) -> None:
-        mark = self._settled_at_start = self._read_settled()
+        mark = self._read_settled()
         if mark is None:
             self.load_jobs(startup=True)
             return
@@ -364,10 +363,11 @@ class Daemon:
         log.info("jobs.loaded", path=str(path), jobs=count, deferred=True)
 
     def _load_edit(self, applied: str, count: int, active: int) -> bool:
-        """Apply an edit of the file a settled exit left applied, by its changed records only.
+        """Apply an edit of the applied file (sha256 ``applied``, ``count``/``active`` jobs), by
+        its changed records only: at a settled start-up, or while the jobs are deferred.
 
-        The records of jobs.json are compared (by ``repr``, as the validation memo keys them)
-        with those of the file last applied (its text is kept in state.db), and only the new,
+        The records of jobs.json are compared by id (numbers tagged, see tag_int) with those
+        of the applied file (its text is kept as the last good one), and only the new,
         edited and removed ones are validated and applied; the others are looked up when
         used (DeferredJobs), as after an unchanged start. Returns False, having changed
         nothing, for anything this cannot decide as a full load would: the full load then
