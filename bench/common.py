@@ -581,19 +581,24 @@ def make_chronosd(
     return setup
 
 
-def run_chronosd(
-    setup: Chronosd, *extra: str, timeout: float = 120.0
-) -> tuple[int | None, float, subprocess.Popen[bytes]]:
-    """Run ``chronosd run`` to completion (it must idle-exit); (exit code, wall seconds, proc)."""
+def start_chronosd(setup: Chronosd, *extra: str) -> subprocess.Popen[bytes]:
+    """Start ``chronosd run`` in its own session, its output appended to its log."""
     with open(setup.log_path, "ab") as log:
-        started = time.monotonic()
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             setup.argv(*extra),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=base_env(),
             start_new_session=True,
         )
+
+
+def run_chronosd(
+    setup: Chronosd, *extra: str, timeout: float = 120.0
+) -> tuple[int | None, float, subprocess.Popen[bytes]]:
+    """Run ``chronosd run`` to completion (it must idle-exit); (exit code, wall seconds, proc)."""
+    started = time.monotonic()
+    proc = start_chronosd(setup, *extra)
     code = wait_popen(proc, timeout)
     wall = time.monotonic() - started
     if code is None:

@@ -43,6 +43,7 @@ from bench.common import (
     percentile,
     ratio,
     running_nas,
+    start_chronosd,
     stop_popen,
     verdict,
     wait_popen,
@@ -178,14 +179,7 @@ def run(settings: Settings) -> Section:
             idle_exit="never",
             listen=f"127.0.0.1:{free_port()}",
         )
-        with open(local.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                local.argv(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=base_env(),
-                start_new_session=True,
-            )
+        proc = start_chronosd(local)
         since_a = time.time() + 2.0
         time.sleep(duration_a + 2)
         proc.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ from bench.common import (
     proc_status,
     ratio,
     running_nas,
+    start_chronosd,
     stop_popen,
     verdict,
     wait_until,
@@ -63,14 +64,7 @@ def _measure(
     setup: Chronosd, idle_seconds: float, *, nas: object = None, timeout: float = 300
 ) -> tuple[float, float, float, float]:
     """(chronosd peak RSS MB, chronosd CPU %, baseline peak RSS MB, baseline CPU %)."""
-    with open(setup.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            setup.argv("--idle-exit", "never"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=base_env(),
-            start_new_session=True,
-        )
+    proc = start_chronosd(setup, "--idle-exit", "never")
     sleeper = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"], env=base_env())
     try:
         stats = getattr(nas, "stats", None)

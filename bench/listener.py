@@ -49,6 +49,7 @@ from bench.common import (
     ratio,
     read_response,
     running_nas,
+    start_chronosd,
     stop_popen,
     verdict,
     wait_port,
@@ -265,14 +266,7 @@ def _chronosd(auth: str, root: Path, nas: Nas | None, seconds: float) -> Chronos
     # ignored, but the same kind of request is sent, so the two rows differ only in the check.
     secret_file = root / "hmac-secret"
     secret = secret_file.read_bytes().rstrip(b"\r\n") if auth == "hmac" else b"unused"
-    with open(setup.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            setup.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=base_env(),
-            start_new_session=True,
-        )
+    proc = start_chronosd(setup)
     try:
         wait_port("127.0.0.1", port, 30)
         # An occurrence 2 s ahead: past the one planned at start-up, not "too early".

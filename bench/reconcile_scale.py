@@ -18,7 +18,6 @@ hour, so nothing comes due while we measure.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from typing import Any
 
@@ -28,7 +27,6 @@ from bench.common import (
     Row,
     Section,
     Settings,
-    base_env,
     free_port,
     make_chronosd,
     median,
@@ -38,6 +36,7 @@ from bench.common import (
     ratio,
     run_chronosd,
     running_nas,
+    start_chronosd,
     stop_popen,
     verdict,
     wait_popen,
@@ -139,14 +138,7 @@ def _edit_awake(setup: Chronosd, nas: Nas, n: int, edited: tuple[int, ...]) -> f
             log.seek(offset)
             return b"watch.started" in log.read()
 
-    with open(setup.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            setup.argv("--idle-exit", "never"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=base_env(),
-            start_new_session=True,
-        )
+    proc = start_chronosd(setup, "--idle-exit", "never")
     try:
         # Awake and watching once the start-up reconcile is done and the watcher runs.
         if not wait_until(watching, 60):
