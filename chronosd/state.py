@@ -229,10 +229,27 @@ def _script(statements: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
     return run
 
 
+# Verified hmac signatures get their own replay cache, keyed by (expires, signature): a
+# signature covers its t, from which the caller derives expires, so a replay presents the same
+# key; an insert lands at the recent end of one B-tree (instead of at a random place in two, as
+# in nonces, which token ids need: a jti is refused whatever exp its token carries), and expired
+# rows are a prefix.
+_MIGRATE_V3_TO_V4: Final = (
+    """CREATE TABLE signatures (
+        expires TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (expires, signature)
+    ) WITHOUT ROWID""",
+    "INSERT INTO signatures (expires, signature) "
+    "SELECT expires, nonce FROM nonces WHERE nonce LIKE 'hmac:%'",
+    "DELETE FROM nonces WHERE nonce LIKE 'hmac:%'",
+)
+
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _script(_SCHEMA_V1),
     _script(_MIGRATE_V1_TO_V2),
     _script(_MIGRATE_V2_TO_V3),
+    _script(_MIGRATE_V3_TO_V4),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -1157,25 +1174,45 @@ class StateDB:
     # ----------------------------------------------------------------- replay cache
 
     def remember_nonce(self, nonce: str, *, expires: datetime, now: datetime) -> bool:
-        """Record a token id or signature; False when it was seen and has not expired.
+        """Record a token id (or a rate-limit slot); False when it is held and not expired.
 
         One statement (its own transaction): a nonce held only by an expired row takes that
-        row over. Expired rows are deleted at most every NONCE_PURGE_EVERY seconds: every
-        fire checks the cache, and a delete per check was half its cost.
+        row over.
         """
-        stamp = _wire(now)
         with self._guard("checking the replay cache"):
             recorded = self._db.execute(
                 "INSERT INTO nonces (nonce, expires) VALUES (?, ?) "
                 "ON CONFLICT (nonce) DO UPDATE SET expires = excluded.expires "
                 "WHERE nonces.expires <= ?",
-                (nonce, _wire(expires), stamp),
+                (nonce, _wire(expires), _wire(now)),
             ).rowcount
-            clock = time.monotonic()
-            if clock >= self._nonce_purge_at:
-                self._nonce_purge_at = clock + NONCE_PURGE_EVERY
-                self._db.execute("DELETE FROM nonces WHERE expires <= ?", (stamp,))
+            self._purge_replay_cache(now)
         return recorded == 1
+
+    def remember_signature(self, signature: str, *, expires: datetime, now: datetime) -> bool:
+        """Record a verified signature; False when it was recorded before (a replay).
+
+        ``expires`` must follow from what the signature covers (its ``t`` plus the tolerance),
+        so that a replay presents the same (expires, signature) key and the primary key refuses
+        it in one statement.
+        """
+        with self._guard("checking the replay cache"):
+            recorded = self._db.execute(
+                "INSERT INTO signatures (expires, signature) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (_wire(expires), signature),
+            ).rowcount
+            self._purge_replay_cache(now)
+        return recorded == 1
+
+    def _purge_replay_cache(self, now: datetime) -> None:
+        # Every fire checks the cache, and a delete per check was half its cost: expired rows
+        # are deleted at most every NONCE_PURGE_EVERY seconds.
+        clock = time.monotonic()
+        if clock >= self._nonce_purge_at:
+            self._nonce_purge_at = clock + NONCE_PURGE_EVERY
+            stamp = _wire(now)
+            self._db.execute("DELETE FROM nonces WHERE expires <= ?", (stamp,))
+            self._db.execute("DELETE FROM signatures WHERE expires <= ?", (stamp,))
 
 
 def _job_value(name: str, value: Any) -> Any:

@@ -917,27 +917,66 @@ def test_nonce_is_accepted_once_until_it_expires(db: StateDB) -> None:
     expires = T0 + 5 * MINUTE
     assert db.remember_nonce("jti-1", expires=expires, now=T0)
     assert not db.remember_nonce("jti-1", expires=expires, now=T0 + MINUTE)
+    # A token id is refused whatever expiry its new token carries, until the row expires.
+    assert not db.remember_nonce("jti-1", expires=T0 + 9 * MINUTE, now=T0 + MINUTE)
     assert db.remember_nonce("jti-2", expires=expires, now=T0 + MINUTE)
     assert db.remember_nonce("jti-1", expires=T0 + 20 * MINUTE, now=expires)
 
 
+def test_signature_is_accepted_once_per_expiry(db: StateDB, tmp_path: Path) -> None:
+    expires = T0 + 5 * MINUTE
+    assert db.remember_signature("hmac:aa", expires=expires, now=T0)
+    assert not db.remember_signature("hmac:aa", expires=expires, now=T0 + MINUTE)
+    with StateDB.open(tmp_path / "state") as other:  # every process shares the cache
+        assert not other.remember_signature("hmac:aa", expires=expires, now=T0 + MINUTE)
+    assert db.remember_signature("hmac:bb", expires=expires, now=T0 + MINUTE)
+    # Token ids and signatures are kept apart.
+    assert db.remember_nonce("hmac:aa", expires=expires, now=T0 + MINUTE)
+
+
 def test_expired_nonces_are_pruned_at_most_every_purge_interval(db: StateDB) -> None:
-    def left() -> int:
+    def left(table: str) -> int:
         raw = _raw(db)
-        (count,) = raw.execute("SELECT count(*) FROM nonces").fetchone()
+        (count,) = raw.execute(f"SELECT count(*) FROM {table}").fetchone()
         raw.close()
         return int(count)
 
     for i in range(10):
         db.remember_nonce(f"n{i}", expires=T0 + i * MINUTE, now=T0)
+        db.remember_signature(f"s{i}", expires=T0 + i * MINUTE, now=T0)
     assert db.remember_nonce("fresh", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
-    assert left() == 10  # the first check purged (n0, expired at once); the next ones wait
-    # An expired row does not block its nonce meanwhile: it is taken over.
+    # The first check purged (n0, expired at once; s0 came after it); the next ones wait.
+    assert (left("nonces"), left("signatures")) == (10, 10)
+    # An expired token id does not block its nonce meanwhile: it is taken over.
     assert db.remember_nonce("n2", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
     assert not db.remember_nonce("n7", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    assert not db.remember_signature("s7", expires=T0 + 7 * MINUTE, now=T0 + 5 * MINUTE)
     db._nonce_purge_at = 0.0  # as if NONCE_PURGE_EVERY had passed
-    assert db.remember_nonce("later", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
-    assert left() == 7  # n2 (taken over), n6..n9, fresh, later
+    assert db.remember_signature("later", expires=T0 + 60 * MINUTE, now=T0 + 5 * MINUTE)
+    assert left("nonces") == 6  # n2 (taken over), n6..n9, fresh
+    assert left("signatures") == 5  # s6..s9, later
+
+
+def test_version_3_hmac_signatures_move_to_their_own_table(tmp_path: Path) -> None:
+    with StateDB.open(tmp_path):
+        pass
+    raw = sqlite3.connect(tmp_path / "state.db")
+    raw.executescript(
+        """
+        DROP TABLE signatures;
+        INSERT INTO nonces VALUES ('hmac:aa', '2025-03-01T12:05:00+00:00');
+        INSERT INTO nonces VALUES ('jwt:t1', '2025-03-01T12:06:00+00:00');
+        PRAGMA user_version = 3;
+        """
+    )
+    raw.close()
+    with StateDB.open(tmp_path) as db:
+        assert not db.remember_signature("hmac:aa", expires=T0 + 5 * MINUTE, now=T0)
+        assert not db.remember_nonce("jwt:t1", expires=T0 + 6 * MINUTE, now=T0)
+        assert db.remember_nonce("hmac:aa", expires=T0 + 5 * MINUTE, now=T0)
+        raw = _raw(db)
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        raw.close()
 
 
 def test_job_summaries_report_what_applying_jobs_compares(db: StateDB) -> None:

@@ -48,7 +48,8 @@ class FireAuthenticator(Protocol):
 class RememberNonce(Protocol):
     """Record *nonce* until *expires*; False when it was already recorded (a replay).
 
-    `chronosd.state.StateDB.remember_nonce` has this shape.
+    `chronosd.state.StateDB.remember_signature` has this shape; HmacAuth derives *expires*
+    from the signed ``t``, so a replay always presents the same (expires, nonce) pair.
     """
 
     def __call__(self, nonce: str, *, expires: datetime, now: datetime) -> bool: ...
@@ -109,7 +110,8 @@ class HmacAuth:
         if not any(matches):
             return AuthResult(False, "signature mismatch")
         # Only a verified signature reaches the replay cache, so forgeries cannot fill it;
-        # it can be forgotten once its timestamp has gone stale anyway.
+        # it can be forgotten once its timestamp has gone stale anyway. expires follows from t
+        # alone, so a replay of this signature presents the same key.
         expires = datetime.fromtimestamp(int(timestamp), UTC) + timedelta(seconds=self._tolerance)
         if not self._remember_nonce(f"hmac:{expected.hex()}", expires=expires, now=now):
             return AuthResult(False, "replayed signature")
@@ -169,7 +171,7 @@ def make_authenticator(mode: str, **kwargs: Any) -> FireAuthenticator:
       leaves them out must have called it itself);
     - ``"hmac"``: the secret from ``secret`` (bytes), else ``secret_file``, else
       ``config.hmac_secret_file``; the replay cache from ``remember_nonce``, else
-      ``db.remember_nonce``; optional ``clock`` and ``tolerance``;
+      ``db.remember_signature``; optional ``clock`` and ``tolerance``;
     - ``"jwt"``: ``db`` (the StateDB holding the JWKS and replay caches, required),
       ``config`` (an AuthConfig for ``jwks_url``, ``audience``, ``issuer``; keywords of those
       names win), optional ``clock``, ``leeway``, ``refetch_interval``, ``http_timeout``,
@@ -223,7 +225,7 @@ def _make_hmac(kwargs: dict[str, Any]) -> HmacAuth:
         secret = read_secret_file(Path(secret_file))
     remember_nonce = kwargs.get("remember_nonce")
     if remember_nonce is None:
-        remember_nonce = getattr(kwargs.get("db"), "remember_nonce", None)
+        remember_nonce = getattr(kwargs.get("db"), "remember_signature", None)
     if remember_nonce is None:
         raise TypeError("make_authenticator('hmac') needs remember_nonce= or db= for replays")
     options = {name: kwargs[name] for name in ("clock", "tolerance") if name in kwargs}

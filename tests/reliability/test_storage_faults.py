@@ -122,7 +122,7 @@ async def served(tmp_path: Path, job_ids: list[str], *, auth: str = "none") -> A
     engine = Engine(config=config, db=db, owner="storage:1:x", request_reconcile=reconciled.extend)
     at = soon()
     authenticator: FireAuthenticator = (
-        HmacAuth(SECRET, remember_nonce=db.remember_nonce) if auth == "hmac" else NoAuth()
+        HmacAuth(SECRET, remember_nonce=db.remember_signature) if auth == "hmac" else NoAuth()
     )
 
     async def fire(job_id: str, fire_at: object) -> Any:
@@ -351,7 +351,7 @@ async def test_a_run_whose_end_cannot_be_recorded_does_not_take_the_engine_down(
 
 
 # Regression test for a fixed bug: chronosd/http/routes.py DaemonRoutes._fire: with auth hmac (and
-# jwt) the replay cache is written before the claim (StateDB.remember_nonce); when that write
+# jwt) the replay cache is written before the claim (StateDB.remember_signature); when that write
 # fails the StateError escapes the route and the server answers 500 instead of 503 with Retry-
 # After
 
