@@ -171,7 +171,10 @@ class Engine:
         self._all_done = anyio.Event()
         self._all_done.set()
         self.pending_retries: list[tuple[Job, datetime, int]] = []
-        self._sync = SyncGroup(self._sync_wal)
+        # Claims' pages reach the database in checkpoints run in a worker thread after
+        # group-commit rounds, not in whichever claim's commit crosses SQLite's threshold.
+        db.defer_checkpoints()
+        self._sync = SyncGroup(self._sync_wal, checkpoint=self._checkpoint)
         self._unsettled: dict[tuple[str, datetime], _Claim] = {}
         # (job id, delivered fire_at) -> its occurrence (wire text), claimed and durable.
         self._known: dict[tuple[str, datetime], str] = {}
@@ -502,6 +505,9 @@ class Engine:
 
     def _sync_wal(self) -> None:
         self.db.sync_wal()  # looked up at each call: tests swap the database's method
+
+    def _checkpoint(self) -> None:
+        self.db.checkpoint_passive()
 
     def _remember(self, job_id: str, fire_at: datetime | None, occurrence: datetime) -> None:
         if fire_at is None:

@@ -59,6 +59,11 @@ DB_NAME: Final = "state.db"
 RUNS_DIR: Final = "runs"
 DEFAULT_BUSY_TIMEOUT: Final = 5.0
 NONCE_PURGE_EVERY: Final = 60.0  # seconds between deletes of expired replay-cache rows
+# With checkpoints deferred (StateDB.defer_checkpoints), a commit checkpoints inline only past
+# this many WAL pages (16 MB); SyncGroup checkpoints in a worker thread at most every
+# CHECKPOINT_EVERY seconds of group-commit rounds, well before that.
+DEFERRED_CHECKPOINT_PAGES: Final = 4096
+CHECKPOINT_EVERY: Final = 0.2
 
 OCCURRENCE_STATES: Final = frozenset(
     {"claimed", "running", "done", "failed", "skipped", "missed", "interrupted"}
@@ -337,6 +342,8 @@ class StateDB:
         self.read_only = read_only
         self._synced_inode: int | None = None  # the WAL file whose directory entry was synced
         self._nonce_purge_at = 0.0  # time.monotonic() of the next delete of expired nonces
+        self._busy_timeout = DEFAULT_BUSY_TIMEOUT
+        self._checkpointer: sqlite3.Connection | None = None  # see checkpoint_passive
 
     # ----------------------------------------------------------------- opening
 
@@ -384,6 +391,7 @@ class StateDB:
         return db
 
     def _configure(self, busy_timeout: float) -> None:
+        self._busy_timeout = busy_timeout
         conn = self._db
         with self._guard("configuring"):
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -436,9 +444,11 @@ class StateDB:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        checkpointer, self._checkpointer = self._checkpointer, None
+        for each in (checkpointer, conn):
+            if each is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    each.close()
 
     def __enter__(self) -> StateDB:
         return self
@@ -712,10 +722,14 @@ class StateDB:
         Either the occurrence is claimed, the next fire planned and the run recorded, or
         nothing is written: a failure can never leave a claim without its run.
         ``durable=False`` leaves the fsync to the caller (see SyncGroup).
+
+        The occurrence is inserted running and owned by this database's owner, who records
+        the run (as start_run would leave it); ``owner`` keeps claim_and_advance's shape.
         """
+        del owner
         _check_choice("trigger", trigger, TRIGGERS)
         _check_name("job id", job_id)
-        values = self._occ_values(job_id, scheduled_at, "claimed", owner, trigger, now)
+        values = self._occ_values(job_id, scheduled_at, "running", self.owner, trigger, now)
         scheduled = _wire(scheduled_at)
 
         def claim_and_advance(conn: sqlite3.Connection) -> bool:
@@ -742,6 +756,7 @@ class StateDB:
             action="claiming an occurrence",
             durable=durable,
             first=claim_and_advance,
+            inserted_running=True,
         )
 
     def undo_claim(
@@ -815,6 +830,35 @@ class StateDB:
                 self._synced_inode = inode
         except OSError as exc:
             raise _state_error(self.path, "syncing the write-ahead log", exc) from exc
+
+    def defer_checkpoints(self, pages: int = DEFERRED_CHECKPOINT_PAGES) -> None:
+        """Let this connection's commits checkpoint the write-ahead log only once it holds
+        *pages* pages (SQLite's default is 1,000), for a caller that runs checkpoint_passive
+        off the event loop meanwhile (the daemon, after group-commit rounds)."""
+        with self._guard("configuring checkpoints"):
+            self._db.execute(f"PRAGMA wal_autocheckpoint = {int(pages)}")
+
+    def checkpoint_passive(self) -> None:
+        """Copy committed pages of the write-ahead log into the database (``PRAGMA
+        wal_checkpoint(PASSIVE)``: it waits for no reader or writer) on a connection of its
+        own, so it may run in a worker thread while this StateDB is used elsewhere; one call
+        at a time. Raises StateError."""
+        if self.read_only or self._conn is None:
+            return
+        try:
+            conn = self._checkpointer
+            if conn is None:
+                conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.execute("PRAGMA synchronous = NORMAL")
+                self._checkpointer = conn
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise _state_error(self.path, "checkpointing the write-ahead log", exc) from exc
 
     def get_occurrence(self, job_id: str, scheduled_at: datetime) -> Occurrence | None:
         with self._guard("reading an occurrence"):
@@ -930,9 +974,11 @@ class StateDB:
         action: str,
         durable: bool,
         first: Callable[[sqlite3.Connection], bool] | None,
+        inserted_running: bool = False,
     ) -> RunRecord | None:
         """Record the run, in one transaction with ``first`` (which may decline: then nothing
-        is written and None is returned).
+        is written and None is returned). ``inserted_running``: ``first`` inserted the
+        occurrence as running, by this owner, at ``now``; else it is marked so here.
 
         Only the log's path is recorded: the runner creates the file (and its directory) when
         the run starts, so a claim costs no file-system work and a run claimed but not started
@@ -963,11 +1009,12 @@ class StateDB:
                 raise StateError(
                     f"could not pick an unused run id under {path.parent}; check the clock"
                 )
-            conn.execute(
-                "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
-                "WHERE job_id = ? AND scheduled_at = ?",
-                (self.owner, stamp, job_id, scheduled),
-            )
+            if not inserted_running:
+                conn.execute(
+                    "UPDATE occurrences SET state = 'running', owner = ?, updated_at = ? "
+                    "WHERE job_id = ? AND scheduled_at = ?",
+                    (self.owner, stamp, job_id, scheduled),
+                )
         return RunRecord(
             run_id=run_id,
             job_id=job_id,
@@ -1246,11 +1293,27 @@ class SyncGroup:
     failed (the caller must then not treat its commits as durable).
     """
 
-    def __init__(self, sync: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        sync: Callable[[], None],
+        *,
+        checkpoint: Callable[[], None] | None = None,
+        checkpoint_every: float = CHECKPOINT_EVERY,
+    ) -> None:
+        """``checkpoint`` (StateDB.checkpoint_passive), when given, runs in a worker thread
+        after a successful round, at most every ``checkpoint_every`` seconds and one at a
+        time: the pages the claims wrote reach the database off the event loop, instead of
+        in the commit that crosses SQLite's checkpoint threshold. Only the round's leader
+        waits for it (its claim is already durable)."""
         self._sync = sync
+        self._checkpoint = checkpoint
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_at = 0.0  # time.monotonic() before which no checkpoint starts
+        self._checkpointing = False
         self._open: _Round | None = None  # gathering callers, not started yet
         self._running: _Round | None = None
         self.rounds = 0  # syncs done, for tests and benchmarks
+        self.checkpoints = 0  # checkpoints done, for tests and benchmarks
 
     async def wait(self) -> None:
         import anyio
@@ -1276,6 +1339,8 @@ class SyncGroup:
                     self._running = None
                     self.rounds += 1
                     round_.done.set()
+                if round_.error is None:
+                    await self._maybe_checkpoint()
         error = round_.error
         if error is not None:
             if isinstance(error, StateError):
@@ -1284,6 +1349,24 @@ class SyncGroup:
             raise StateError(
                 f"syncing the state database failed: {reason}; check the file system"
             ) from error
+
+    async def _maybe_checkpoint(self) -> None:
+        import anyio.to_thread
+
+        checkpoint = self._checkpoint
+        if checkpoint is None or self._checkpointing or time.monotonic() < self._checkpoint_at:
+            return
+        self._checkpointing = True
+        try:
+            await anyio.to_thread.run_sync(checkpoint)
+            self.checkpoints += 1
+        except StateError as exc:
+            # Nothing is lost: the commits are durable in the log, and a later checkpoint
+            # (or the connection's own, past its threshold) copies them.
+            _log().warning("state.checkpoint_failed", error=str(exc))
+        finally:
+            self._checkpointing = False
+            self._checkpoint_at = time.monotonic() + self._checkpoint_every
 
 
 # --------------------------------------------------------------------------- files

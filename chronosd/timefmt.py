@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 
+# A fire formats the same few instants a score of times (the occurrence, its next fire, now),
+# in logs, rows and requests. Equal aware datetimes are the same instant, so they share a
+# key and an answer.
+@functools.lru_cache(maxsize=1024)
 def to_wire(instant: datetime) -> str:
     """Format an aware instant as UTC with whole seconds."""
     if instant.tzinfo is None:

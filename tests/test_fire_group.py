@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -177,6 +178,57 @@ async def test_a_failed_sync_fails_its_waiters_and_the_next_round_starts_afresh(
         await group.wait()
     await group.wait()
     assert group.rounds == 2
+
+
+async def test_rounds_checkpoint_in_a_worker_thread_at_most_every_interval() -> None:
+    threads: list[bool] = []
+    group = SyncGroup(
+        lambda: None,
+        checkpoint=lambda: threads.append(threading.current_thread() is threading.main_thread()),
+        checkpoint_every=3600,
+    )
+    for _ in range(3):
+        await group.wait()
+    assert (group.rounds, group.checkpoints, threads) == (3, 1, [False])
+    group._checkpoint_at = 0.0  # as if the interval had passed
+    await group.wait()
+    assert group.checkpoints == 2
+
+
+async def test_a_failed_checkpoint_is_logged_and_the_round_still_succeeds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def checkpoint() -> None:
+        raise StateError("state database x: checkpointing the write-ahead log failed: disk I/O")
+
+    group = SyncGroup(lambda: None, checkpoint=checkpoint, checkpoint_every=0)
+    await group.wait()
+    await group.wait()
+    assert (group.rounds, group.checkpoints) == (2, 0)
+    assert capsys.readouterr().out.count("state.checkpoint_failed") == 2
+
+
+async def test_the_engine_copies_claimed_pages_into_the_database_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    at = whole_seconds_ahead(50)
+    jobs = [one_shot(f"c{n}", at, ["true"]) for n in range(4)]
+    async with rig(tmp_path, *jobs) as r:
+        r.engine._sync._checkpoint_every = 0
+        # The daemon's own commits checkpoint only far past SQLite's 1,000 pages.
+        assert r.db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4096
+        for job in jobs:
+            assert (await r.engine.fire(job.id, at)).status == "accepted"
+        assert r.engine._sync.checkpoints >= 1
+        raw = sqlite3.connect(r.db.path)
+        try:
+            # A passive checkpoint finds every frame of the log already in the database.
+            busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            (claimed,) = raw.execute("SELECT count(*) FROM occurrences").fetchone()
+        finally:
+            raw.close()
+        assert busy == 0 and frames == copied
+        assert claimed == 4
 
 
 # ---------------------------------------------------------------------- group commit

@@ -740,3 +740,23 @@ def test_new_york_seconds_of_a_non_fixed_job_fire_on_both_passes_and_never_in_th
     ]
     start, end = local_day("America/New_York", 2026, 3, 8)
     assert local_fires("*/20 * 2 * * *", "America/New_York", start, end) == []
+
+
+def test_jobs_sharing_a_cron_schedule_share_one_walk() -> None:
+    # A burst of fires of jobs with one schedule asks the same question many times.
+    from chronosd.jobs import schedule as module
+
+    anchor = datetime(2026, 1, 1, tzinfo=UTC)
+    after = datetime(2026, 3, 29, 0, 59, 59, tzinfo=UTC)
+    first, second = (parse_schedule("30 2 * * *", "Europe/Berlin") for _ in range(2))
+    module._next_cron.cache_clear()
+    found = first.next_after(after, anchor=anchor)
+    assert second.next_after(after, anchor=anchor) == found
+    assert module._next_cron.cache_info().hits == 1
+    # The cached answer is the walk's: 02:30 does not exist that night in Berlin, so 03:00.
+    fresh = module._next_cron.__wrapped__
+    zone = ZoneInfo("Europe/Berlin")
+    start = int(after.timestamp())
+    assert found is not None
+    assert fresh("0 30 2 * * *", zone, True, start, start + module._HORIZON) == found.timestamp()
+    assert found == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)

@@ -547,6 +547,9 @@ def _repeat_end(zone: ZoneInfo, instant: int, offset: int) -> int | None:
     return None if change is None else change + before
 
 
+# Jobs sharing a schedule ask the same question at the same second (a burst of fires due
+# together, a pass arming every job): the answer is a pure function of the arguments.
+@functools.lru_cache(maxsize=1024)
 def _next_cron(cron: str, zone: ZoneInfo, fixed: bool, after: int, horizon: int) -> int | None:
     """First fire second after ``after`` (a POSIX second), or None before ``horizon``."""
     segment_start, offset = after, _offset(zone, after)
