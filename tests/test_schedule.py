@@ -760,3 +760,15 @@ def test_jobs_sharing_a_cron_schedule_share_one_walk() -> None:
     assert found is not None
     assert fresh("0 30 2 * * *", zone, True, start, start + module._HORIZON) == found.timestamp()
     assert found == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)
+
+
+def test_wire_text_of_an_instant_does_not_depend_on_its_zone_or_on_earlier_calls() -> None:
+    from chronosd.timefmt import to_wire
+
+    utc = datetime(2026, 11, 26, 12, 0, 0, 999_999, tzinfo=UTC)
+    berlin = utc.astimezone(ZoneInfo("Europe/Berlin"))
+    assert to_wire(berlin) == to_wire(utc) == "2026-11-26T12:00:00+00:00"
+    assert to_wire(utc + timedelta(seconds=1)) == "2026-11-26T12:00:01+00:00"
+    for _ in range(2):  # refused every time, not remembered
+        with pytest.raises(ValueError, match="naive"):
+            to_wire(datetime(2026, 11, 26, 12, 0, 0))
