@@ -252,6 +252,7 @@ class Engine:
         ``table``, or ``jobs`` by id."""
         diff = diff_jobs({job_id: summary.spec_hash for job_id, summary in known.items()}, fresh)
         touched = set(diff.job_ids())
+        planned: list[JobState] = []  # written together below: one transaction, not one each
         for job in fresh:
             summary = known.get(job.id)
             key = schedule_key(job)
@@ -280,15 +281,14 @@ class Engine:
                     last_status=js.last_status if js else None,
                     completed=False,
                 )
-                js = self._replan(job, js, now)
-                self.db.put_job(js)
+                planned.append(self._replan(job, js, now))
                 touched.add(job.id)
             elif js.spec_hash != job.spec_hash or (js.next_fire is None) != (
                 not job.active or js.completed
             ):
-                js = self._replan(job, js, now, keep_next=True)
-                self.db.put_job(js)
+                planned.append(self._replan(job, js, now, keep_next=True))
                 touched.add(job.id)
+        self.db.put_jobs(planned)
         self.jobs = {job.id: job for job in jobs} if table is None else table
         # A re-anchor can make a remembered delivery stale: map deliveries afresh.
         self._known.clear()

@@ -772,3 +772,13 @@ def test_wire_text_of_an_instant_does_not_depend_on_its_zone_or_on_earlier_calls
     for _ in range(2):  # refused every time, not remembered
         with pytest.raises(ValueError, match="naive"):
             to_wire(datetime(2026, 11, 26, 12, 0, 0))
+
+
+@pytest.mark.parametrize("dow", ["*", "1", "MON#5", "5L", "SAT,SUN", "*/3", "2-4"])
+def test_every_day_of_every_month_always_finds_a_fire(dow: str) -> None:
+    # Parsing does not walk the calendar for these (any day-of-week exists): they do fire.
+    schedule = parse_schedule(f"0 30 12 * * {dow}", "Europe/Berlin")
+    found = schedule.next_after(
+        datetime(2026, 1, 1, tzinfo=UTC), anchor=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    assert found is not None and found.year <= 2027

@@ -1007,3 +1007,19 @@ def test_arm_states_hold_each_jobs_planned_and_armed_fire(db: StateDB) -> None:
     assert arms["armed"] == (T0 + MINUTE, T0 + MINUTE, T0)
     assert arms["idle"] == (None, None, None)
     assert set(arms) == {"armed", "idle"}
+
+
+def test_put_jobs_writes_all_states_in_one_transaction_or_none(db: StateDB) -> None:
+    db.put_jobs([_job("a"), _job("b", spec_hash="h2")])
+    assert db.get_job("b") == _job("b", spec_hash="h2")
+    raw = _raw(db)
+    raw.execute(
+        "CREATE TRIGGER refuse_d BEFORE INSERT ON job_state WHEN NEW.job_id = 'd' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    raw.close()
+    with pytest.raises(StateError, match="refused"):
+        db.put_jobs([_job("a", spec_hash="h3"), _job("c"), _job("d")])
+    assert db.get_job("a") == _job("a")  # the batch's earlier rows were rolled back
+    assert db.get_job("c") is None
+    db.put_jobs([])  # nothing to write: no transaction
