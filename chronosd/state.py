@@ -60,10 +60,11 @@ RUNS_DIR: Final = "runs"
 DEFAULT_BUSY_TIMEOUT: Final = 5.0
 NONCE_PURGE_EVERY: Final = 60.0  # seconds between deletes of expired replay-cache rows
 # With checkpoints deferred (StateDB.defer_checkpoints), a commit checkpoints inline only past
-# this many WAL pages (16 MB); SyncGroup checkpoints in a worker thread at most every
-# CHECKPOINT_EVERY seconds of group-commit rounds, well before that.
+# this many WAL pages (16 MB); SyncGroup checkpoints in a worker thread once CHECKPOINT_AFTER
+# claims were made durable since the last time, at most every CHECKPOINT_EVERY seconds.
 DEFERRED_CHECKPOINT_PAGES: Final = 4096
 CHECKPOINT_EVERY: Final = 0.2
+CHECKPOINT_AFTER: Final = 64  # callers (claims, ~8 pages each) served since the last one
 
 OCCURRENCE_STATES: Final = frozenset(
     {"claimed", "running", "done", "failed", "skipped", "missed", "interrupted"}
@@ -1286,11 +1287,12 @@ def _job_value(name: str, value: Any) -> Any:
 
 
 class _Round:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "waiters")
 
     def __init__(self, done: Any) -> None:
         self.done = done  # an anyio.Event, set once the round's fsync has returned or failed
         self.error: BaseException | None = None
+        self.waiters = 1  # callers served (each committed before it waited: a claim, mostly)
 
 
 class SyncGroup:
@@ -1309,16 +1311,20 @@ class SyncGroup:
         *,
         checkpoint: Callable[[], None] | None = None,
         checkpoint_every: float = CHECKPOINT_EVERY,
+        checkpoint_after: int = CHECKPOINT_AFTER,
     ) -> None:
         """``checkpoint`` (StateDB.checkpoint_passive), when given, runs in a worker thread
-        after a successful round, at most every ``checkpoint_every`` seconds and one at a
-        time: the pages the claims wrote reach the database off the event loop, instead of
-        in the commit that crosses SQLite's checkpoint threshold. Only the round's leader
-        waits for it (its claim is already durable)."""
+        after a successful round once ``checkpoint_after`` callers were served since the last
+        one, at most every ``checkpoint_every`` seconds, one at a time: in a burst, the pages
+        the claims wrote reach the database off the event loop, instead of in the commit
+        that crosses SQLite's checkpoint threshold. Only the round's leader waits for it
+        (its claim is already durable); a lone fire never does."""
         self._sync = sync
         self._checkpoint = checkpoint
         self._checkpoint_every = checkpoint_every
+        self._checkpoint_after = checkpoint_after
         self._checkpoint_at = 0.0  # time.monotonic() before which no checkpoint starts
+        self._served = 0  # callers served since the last checkpoint
         self._checkpointing = False
         self._open: _Round | None = None  # gathering callers, not started yet
         self._running: _Round | None = None
@@ -1331,6 +1337,7 @@ class SyncGroup:
 
         round_ = self._open
         if round_ is not None:
+            round_.waiters += 1
             await round_.done.wait()
         else:
             round_ = self._open = _Round(anyio.Event())
@@ -1350,6 +1357,7 @@ class SyncGroup:
                     self.rounds += 1
                     round_.done.set()
                 if round_.error is None:
+                    self._served += round_.waiters
                     await self._maybe_checkpoint()
         error = round_.error
         if error is not None:
@@ -1364,9 +1372,15 @@ class SyncGroup:
         import anyio.to_thread
 
         checkpoint = self._checkpoint
-        if checkpoint is None or self._checkpointing or time.monotonic() < self._checkpoint_at:
+        if (
+            checkpoint is None
+            or self._checkpointing
+            or self._served < self._checkpoint_after
+            or time.monotonic() < self._checkpoint_at
+        ):
             return
         self._checkpointing = True
+        self._served = 0
         try:
             await anyio.to_thread.run_sync(checkpoint)
             self.checkpoints += 1

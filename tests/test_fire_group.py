@@ -186,13 +186,18 @@ async def test_rounds_checkpoint_in_a_worker_thread_at_most_every_interval() -> 
         lambda: None,
         checkpoint=lambda: threads.append(threading.current_thread() is threading.main_thread()),
         checkpoint_every=3600,
+        checkpoint_after=2,
     )
+    await group.wait()
+    assert (group.rounds, group.checkpoints) == (1, 0)  # a lone caller waits for no checkpoint
     for _ in range(3):
         await group.wait()
-    assert (group.rounds, group.checkpoints, threads) == (3, 1, [False])
-    group._checkpoint_at = 0.0  # as if the interval had passed
+    assert (group.rounds, group.checkpoints, threads) == (4, 1, [False])
+    group._checkpoint_at = 0.0  # as if the interval had passed: two callers were served since
     await group.wait()
     assert group.checkpoints == 2
+    await group.wait()
+    assert group.checkpoints == 2  # one caller since, and the interval starts again
 
 
 async def test_a_failed_checkpoint_is_logged_and_the_round_still_succeeds(
@@ -201,7 +206,7 @@ async def test_a_failed_checkpoint_is_logged_and_the_round_still_succeeds(
     def checkpoint() -> None:
         raise StateError("state database x: checkpointing the write-ahead log failed: disk I/O")
 
-    group = SyncGroup(lambda: None, checkpoint=checkpoint, checkpoint_every=0)
+    group = SyncGroup(lambda: None, checkpoint=checkpoint, checkpoint_every=0, checkpoint_after=1)
     await group.wait()
     await group.wait()
     assert (group.rounds, group.checkpoints) == (2, 0)
@@ -215,6 +220,7 @@ async def test_the_engine_copies_claimed_pages_into_the_database_off_the_event_l
     jobs = [one_shot(f"c{n}", at, ["true"]) for n in range(4)]
     async with rig(tmp_path, *jobs) as r:
         r.engine._sync._checkpoint_every = 0
+        r.engine._sync._checkpoint_after = 2
         # The daemon's own commits checkpoint only far past SQLite's 1,000 pages.
         assert r.db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4096
         for job in jobs:
