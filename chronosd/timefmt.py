@@ -6,15 +6,21 @@ import functools
 from datetime import UTC, datetime
 
 
-# A fire formats the same few instants a score of times (the occurrence, its next fire, now),
-# in logs, rows and requests. Equal aware datetimes are the same instant, so they share a
-# key and an answer.
-@functools.lru_cache(maxsize=1024)
 def to_wire(instant: datetime) -> str:
     """Format an aware instant as UTC with whole seconds."""
+    if instant.tzinfo is UTC:
+        return _utc_wire(instant)
     if instant.tzinfo is None:
         raise ValueError("naive datetime given where an instant is required")
-    return instant.astimezone(UTC).replace(microsecond=0).isoformat()
+    return _utc_wire(instant.astimezone(UTC))
+
+
+# A fire formats the same few instants a score of times (the occurrence, its next fire, now),
+# in logs, rows and requests; they are UTC. Only UTC datetimes are keys: two datetimes of one
+# zone that differ only in fold compare (and hash) equal but are different instants.
+@functools.lru_cache(maxsize=1024)
+def _utc_wire(instant: datetime) -> str:
+    return instant.replace(microsecond=0).isoformat()
 
 
 def parse_instant(text: str) -> datetime:

@@ -772,6 +772,13 @@ def test_wire_text_of_an_instant_does_not_depend_on_its_zone_or_on_earlier_calls
     for _ in range(2):  # refused every time, not remembered
         with pytest.raises(ValueError, match="naive"):
             to_wire(datetime(2026, 11, 26, 12, 0, 0))
+    # 02:30 happens twice in Berlin that night; the two compare equal but are an hour apart.
+    first = datetime(2026, 10, 25, 2, 30, tzinfo=ZoneInfo("Europe/Berlin"))
+    second = first.replace(fold=1)
+    assert (to_wire(first), to_wire(second)) == (
+        "2026-10-25T00:30:00+00:00",
+        "2026-10-25T01:30:00+00:00",
+    )
 
 
 @pytest.mark.parametrize("dow", ["*", "1", "MON#5", "5L", "SAT,SUN", "*/3", "2-4"])
