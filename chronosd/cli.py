@@ -23,7 +23,7 @@ from chronosd import __version__
 from chronosd.config import Config, load_config
 from chronosd.durations import format_duration, parse_duration
 from chronosd.errors import ChronosError, DurationError, JobsFileError, UnknownJobError
-from chronosd.gcpause import collection_paused
+from chronosd.gcpause import collection_paused, end_startup_pause
 
 if TYPE_CHECKING:
     import argparse
@@ -1040,8 +1040,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | SimpleNamespace
     fast = _parse_run(arguments)
     if fast is not None:
-        args = fast
+        args = fast  # the daemon ends the start-up pause once the request that woke it is out
     else:
+        end_startup_pause()  # any other command (argparse may exit from here: --help)
         parsed = _parse_any(arguments)
         if isinstance(parsed, int):
             return parsed

@@ -6,6 +6,9 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+# Whether `pause_for_startup` turned the collector off and it is still off on its account.
+_startup_paused = False
+
 
 @contextlib.contextmanager
 def collection_paused(*, freeze: bool = False) -> Iterator[None]:
@@ -26,3 +29,28 @@ def collection_paused(*, freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
+
+
+def pause_for_startup() -> None:
+    """Turn the collector off from the process's first import until `end_startup_pause`.
+
+    ``python -m chronosd`` calls this before importing the rest of chronosd. A socket-activated
+    start imports some 250 modules and answers the fire that woke it before anything it made
+    can be garbage; the collector ran about 18 times on the way (5-7 ms measured), walking
+    objects that live as long as the process.
+    """
+    global _startup_paused
+    if gc.isenabled():
+        gc.disable()
+        _startup_paused = True
+
+
+def end_startup_pause() -> None:
+    """Freeze what start-up made and turn the collector back on, if `pause_for_startup` turned
+    it off; otherwise nothing. Called once a command has started (the daemon: once the request
+    that woke it was answered)."""
+    global _startup_paused
+    if _startup_paused:
+        _startup_paused = False
+        gc.freeze()
+        gc.enable()

@@ -1102,3 +1102,45 @@ def test_loading_the_daemon_pauses_the_collector_and_freezes_what_was_loaded() -
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_the_start_up_pause_lasts_until_it_is_ended_and_only_ends_its_own() -> None:
+    import gc
+
+    from chronosd.gcpause import end_startup_pause, pause_for_startup
+
+    assert gc.isenabled()
+    gc.unfreeze()
+    try:
+        pause_for_startup()
+        assert not gc.isenabled()
+        made = [{"n": n} for n in range(100)]
+        end_startup_pause()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(made)
+        end_startup_pause()  # a second end (or one without a pause) changes nothing
+        assert gc.isenabled()
+        gc.disable()  # someone else's pause: not ours to end
+        pause_for_startup()
+        end_startup_pause()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_python_m_chronosd_turns_the_collector_back_on_for_other_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gc
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["chronosd", "--version"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_module("chronosd", run_name="__main__")
+        assert exited.value.code == 0
+        assert gc.isenabled()  # paused by __main__, ended by main() for a command not `run`
+    finally:
+        gc.enable()
+    assert capsys.readouterr().out.strip()

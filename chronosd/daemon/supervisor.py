@@ -29,7 +29,7 @@ from chronosd.daemon.children import child_watcher
 from chronosd.daemon.idle import IdleTracker
 from chronosd.errors import ChronosError, ConfigError, JobsFileError, StateError
 from chronosd.fire import Engine, FireResult
-from chronosd.gcpause import collection_paused
+from chronosd.gcpause import collection_paused, end_startup_pause
 from chronosd.http.auth import FireAuthenticator
 from chronosd.http.routes import DaemonRoutes
 from chronosd.http.server import (
@@ -661,6 +661,7 @@ class Daemon:
                 if isinstance(self.provider, LocalProvider):
                     tg.start_soon(self._run_local, self.provider)
                 tg.start_soon(self._watch)
+                tg.start_soon(self._end_startup_pause)
                 tg.start_soon(self._keep_memo)
                 startup.__exit__(None, None, None)
                 systemd.notify_ready(self.status_line())
@@ -752,6 +753,12 @@ class Daemon:
             return bool(poller.poll(0))
         except OSError:
             return True  # cannot tell: wait as for a request
+
+    async def _end_startup_pause(self) -> None:
+        """The collector, held off since ``python -m chronosd`` began, runs again once the
+        request that woke us was answered (nothing made before that is garbage)."""
+        await self._settled()
+        end_startup_pause()
 
     async def _watch(self) -> None:
         await self._settled()
