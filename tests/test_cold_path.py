@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from chronosd.methodcache import cache_path, read_cache
 from chronosd.nas.keys import KeyRing
 from chronosd.timefmt import to_wire
 from tests.daemon_support import (
@@ -108,7 +109,9 @@ def test_cold_fire_path_answers_before_importing_httpx_or_watchfiles(
         "--config",
         str(tmp_path / "chronosd.toml"),
     ]
-    activator = SocketActivator(argv, env=child_env(tmp_path), stdout_path=log.path)
+    env = child_env(tmp_path)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as under systemd: the method cache is written
+    activator = SocketActivator(argv, env=env, stdout_path=log.path)
     nas = ReferenceNas(tmp_path / "nas", tmp_path, tmp_path / "nas.log")
     activator.start()
     try:
@@ -161,6 +164,12 @@ def test_cold_fire_path_answers_before_importing_httpx_or_watchfiles(
             send_fire("first")
             assert activator.wait_exited(1, timeout=30), log.tail()
             measured_from = len(log.lines())
+            # The first start compiled its dataclasses' methods and kept them in the state
+            # directory as it exited; the measured start runs them from there (and so writes
+            # nothing).
+            cache = cache_path(tmp_path / "state")
+            written = cache.read_bytes()
+            assert any("def __init__(self,job_id:" in source for source in read_cache(cache))
         else:
             measured_from = 0
         send_fire("second")
@@ -192,6 +201,10 @@ def test_cold_fire_path_answers_before_importing_httpx_or_watchfiles(
     if mode == "jwt":
         # The token was checked with cryptography's Ed25519 primitive, before the reply.
         assert "cryptography.hazmat.primitives.asymmetric.ed25519" in before
+    if provider == "nas":
+        assert cache.read_bytes() == written
+    else:  # the only start, stopped by SIGTERM, kept what it compiled too
+        assert read_cache(cache_path(tmp_path / "state"))
     # The measured fire ran, once.
     runs = StateReader(tmp_path / "state").runs("second")
     assert [r["status"] for r in runs] == ["ok"]
