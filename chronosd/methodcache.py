@@ -89,17 +89,29 @@ def cache_path(directory: Path) -> Path:
 
 
 def read_cache(path: Path) -> dict[str, CodeType]:
-    """The cached code by source text; empty when the file is missing, foreign or unsafe."""
+    """The cached code by source text; empty when the file is missing, foreign or unsafe.
+
+    Safe: the file and its directory belong to us and nobody else can write them, and the
+    file is no link (a hard link could dress up a file of ours that others fill, a run log
+    say). It is read before the state directory's own checks, which refuse such a directory
+    later anyway.
+    """
+    euid = os.geteuid()
+    writable_by_others = stat.S_IWGRP | stat.S_IWOTH
     try:
+        directory = os.stat(path.parent)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
         info = os.fstat(fd)
         if (
-            not stat.S_ISREG(info.st_mode)
-            or info.st_uid != os.geteuid()
-            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            directory.st_uid != euid
+            or directory.st_mode & writable_by_others
+            or not stat.S_ISREG(info.st_mode)
+            or info.st_uid != euid
+            or info.st_mode & writable_by_others
+            or info.st_nlink != 1
             or info.st_size > MAX_BYTES
         ):
             return {}

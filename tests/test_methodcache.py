@@ -151,6 +151,17 @@ def test_a_file_others_could_write_is_not_read(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(path)
     assert read_cache(link) == {}
+    hard = tmp_path / "hard"
+    os.link(path, hard)
+    assert read_cache(path) == {} and read_cache(hard) == {}
+    hard.unlink()
+    assert read_cache(path)
+    tmp_path.chmod(0o770)  # a directory others can write: they could have put it there
+    try:
+        assert read_cache(path) == {}
+    finally:
+        tmp_path.chmod(0o700)
+    assert read_cache(path)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
