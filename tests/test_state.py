@@ -975,8 +975,51 @@ def test_version_3_hmac_signatures_move_to_their_own_table(tmp_path: Path) -> No
         assert not db.remember_nonce("jwt:t1", expires=T0 + 6 * MINUTE, now=T0)
         assert db.remember_nonce("hmac:aa", expires=T0 + 5 * MINUTE, now=T0)
         raw = _raw(db)
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         raw.close()
+
+
+def test_version_4_meta_becomes_a_rowid_table_keeping_rows_and_triggers(tmp_path: Path) -> None:
+    with StateDB.open(tmp_path):
+        pass
+    raw = sqlite3.connect(tmp_path / "state.db")
+    big = "x" * 3_000_000  # a memo of a large jobs.json
+    raw.executescript(
+        """
+        DROP TRIGGER job_state_insert_unsettles;
+        DROP TRIGGER job_state_update_unsettles;
+        DROP TRIGGER job_state_delete_unsettles;
+        DROP TABLE meta;
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TRIGGER job_state_insert_unsettles AFTER INSERT ON job_state
+            BEGIN DELETE FROM meta WHERE key = 'arms_settled'; END;
+        CREATE TRIGGER job_state_update_unsettles AFTER UPDATE ON job_state
+            BEGIN DELETE FROM meta WHERE key = 'arms_settled'; END;
+        CREATE TRIGGER job_state_delete_unsettles AFTER DELETE ON job_state
+            BEGIN DELETE FROM meta WHERE key = 'arms_settled'; END;
+        INSERT INTO meta VALUES ('arms_settled', '{"file": "abc"}');
+        INSERT INTO meta VALUES ('last_list_at', '2025-03-01T12:00:00+00:00');
+        PRAGMA user_version = 4;
+        """
+    )
+    raw.execute("INSERT INTO meta VALUES ('jobs_memo', ?)", (big,))
+    raw.commit()
+    raw.close()
+    with StateDB.open(tmp_path) as db:
+        raw = _raw(db)
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        (sql,) = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'meta'").fetchone()
+        assert "WITHOUT ROWID" not in sql.upper()
+        triggers = raw.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'")
+        assert triggers.fetchone()[0] == 3
+        raw.close()
+        assert db.get_meta("jobs_memo") == big
+        assert db.get_meta("last_list_at") == "2025-03-01T12:00:00+00:00"
+        assert db.get_meta(META_ARMS_SETTLED) == '{"file": "abc"}'
+        db.put_job(_job("a"))  # any write to job_state still removes the settled mark
+        assert db.get_meta(META_ARMS_SETTLED) is None
+        db.set_meta("last_list_at", "later")
+        assert db.get_meta("last_list_at") == "later"
 
 
 def test_job_summaries_report_what_applying_jobs_compares(db: StateDB) -> None:
