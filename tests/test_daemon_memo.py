@@ -19,11 +19,13 @@ from chronosd.config import load_config
 from chronosd.daemon.supervisor import (
     META_JOBS_MEMO,
     META_LAST_GOOD,
+    META_LAST_GOOD_LAYOUT,
     SOCKET_ACTIVATED_KEEPALIVE,
     Daemon,
     RunOptions,
 )
 from chronosd.jobs import validate
+from chronosd.jobs.layout import RecordLayout, text_digest
 from chronosd.jobs.model import Job
 from tests.daemon_support import (
     EventLog,
@@ -74,6 +76,7 @@ class Setup:
         daemon = Daemon(load_config(config_path=self.config), RunOptions(self.config))
         daemon.load_jobs(startup=True)
         daemon._save_memo()  # what the daemon does a moment later, or on its way out
+        daemon._save_layout()
         daemon.db.close()
         return daemon
 
@@ -155,6 +158,10 @@ def test_the_last_good_text_follows_the_applied_file(setup: Setup) -> None:
     setup.write([rec("a")])
     setup.start()
     assert setup.meta(META_LAST_GOOD) == first
+    # With its layout, for the next edit to be found by its changed part.
+    stored = setup.meta(META_LAST_GOOD_LAYOUT)
+    layout = None if stored is None else RecordLayout.loads(stored)
+    assert layout is not None and layout.digest == text_digest(first) and layout.ids == ("a",)
 
 
 def test_a_waiting_connection_is_seen_before_it_is_accepted(setup: Setup) -> None:

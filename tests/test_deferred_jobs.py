@@ -152,16 +152,20 @@ def test_the_lookup_refuses_a_file_other_than_the_one_applied(
 
 
 # ------------------------------------------------------------------ an edit at start-up
-def settle(subject: Daemon) -> None:
-    """What a clean exit with every arm confirmed leaves: the mark (arms are not our subject)."""
+def settle(subject: Daemon, *, layout: bool = True) -> None:
+    """What a clean exit with every arm confirmed leaves: the mark (arms are not our subject),
+    and the applied text's layout unless *layout* is False (as a chronosd before it left)."""
     subject.reconciler._pending.clear()
     assert subject.reconciler.settled
+    if layout:
+        subject._save_layout()
     subject._save_settled()
     subject.db.close()
 
 
+@pytest.mark.parametrize("layout", [True, False])
 def test_an_edit_applied_by_its_changed_records_leaves_what_a_full_load_leaves(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: bool
 ) -> None:
     before = [*records(), *({"id": f"n{i}", "schedule": f"{i} 5 * * *"} for i in range(40))]
     for record in before[5:]:
@@ -179,10 +183,16 @@ def test_an_edit_applied_by_its_changed_records_leaves_what_a_full_load_leaves(
         replace_atomically(root / "jobs.json", jobs_text(before))
         first = daemon(root, monkeypatch)
         assert first.load_jobs(startup=True)
-        settle(first)
+        settle(first, layout=layout)
         replace_atomically(root / "jobs.json", jobs_text(after))
         subjects[name] = daemon(root, monkeypatch)
     edit, full = subjects["edit"], subjects["full"]
+    if layout:  # the changed part is found from the layout: the files are not compared whole
+
+        def whole(before_text: str) -> None:
+            raise AssertionError("compared whole files")
+
+        monkeypatch.setattr(edit, "_compare_whole", whole)
     edit._load_at_startup()
     assert full.load_jobs(startup=True, reconcile_all=False)
     table = edit.engine.jobs

@@ -61,6 +61,8 @@ from chronosd.timefmt import to_wire, utc_now
 log = get_logger("chronosd.daemon")
 
 META_LAST_GOOD = "jobs_last_good"
+# Where each record lies in META_LAST_GOOD's text (chronosd.jobs.layout), with its digest.
+META_LAST_GOOD_LAYOUT = "jobs_last_good_layout"
 # The validation results of the last good jobs.json (ValidationMemo.dumps), so that a start
 # with an unchanged file, or with a few records edited, does not check every job again.
 META_JOBS_MEMO = "jobs_memo"
@@ -133,6 +135,7 @@ class Daemon:
         self._memo_changed = anyio.Event()
         self._last_good_digest: str | None = None  # sha256 of the text META_LAST_GOOD holds
         self._last_good_pending: str | None = None  # applied, not yet written to META_LAST_GOOD
+        self._layout_pending: str | None = None  # written to META_LAST_GOOD, layout not yet
         # The digest and records (by id) of the file whose jobs are deferred (_deferred_job).
         self._deferred_records: tuple[str, dict[str, tuple[int, object]]] | None = None
         self.server: HTTPServer | None = None
@@ -261,6 +264,7 @@ class Daemon:
             await anyio.sleep(MEMO_SAVE_DELAY)
             self._flush_last_good()
             self._save_memo()
+            self._save_layout()
 
     def _last_good_text(self) -> str | None:
         """The text of the file applied last (written to state.db, or about to be)."""
@@ -291,9 +295,25 @@ class Daemon:
                 if stored is None
                 else hashlib.sha256(stored.encode(errors="surrogatepass")).hexdigest()
             )
-        if digest == self._last_good_digest or self._set_meta(META_LAST_GOOD, text):
+        if digest == self._last_good_digest:
+            self._last_good_pending = None
+        elif self._set_meta(META_LAST_GOOD, text):
             self._last_good_digest = digest
             self._last_good_pending = None
+            self._layout_pending = text
+
+    def _save_layout(self) -> None:
+        """Keep the layout of the text just kept as the last good one (chronosd.jobs.layout):
+        the next edit is then found by its changed part. Written after the text, off the way of
+        any fire (with the memo, or at exit); none is kept for a text it cannot describe."""
+        text = self._layout_pending
+        if text is None:
+            return
+        from chronosd.jobs.layout import record_layout
+
+        layout = record_layout(text)
+        if self._set_meta(META_LAST_GOOD_LAYOUT, None if layout is None else layout.dumps()):
+            self._layout_pending = None
 
     # ---------------------------------------------------------------- the settled mark
     # A start-up used to compare every job's arm with its plan (reconcile_all), and to read and
@@ -376,14 +396,10 @@ class Daemon:
         validation consults the time or state.db).
         """
         from chronosd.fire import SMALL_APPLY
-        from chronosd.jobs.file import read_jobs_document, tag_float, tag_int, untag
+        from chronosd.jobs.file import untag
 
         try:
             before_text = self._last_good_text()
-            # Numbers tagged: records then compare equal only when their validation cannot
-            # differ (1, 1.0 and true are equal as plain values). Records that differ are
-            # untagged before they are validated.
-            document = read_jobs_document(self.config.jobs, tagged=True)
         except ChronosError:
             return False
         if (
@@ -391,24 +407,13 @@ class Daemon:
             or hashlib.sha256(before_text.encode(errors="surrogatepass")).hexdigest() != applied
         ):
             return False
-        try:
-            before_doc = json.loads(before_text, parse_int=tag_int, parse_float=tag_float)
-        except (ValueError, RecursionError):
+        # Numbers tagged: records then compare equal only when their validation cannot differ
+        # (1, 1.0 and true are equal as plain values). Records that differ are untagged before
+        # they are validated.
+        compared = self._compare_by_layout(applied, before_text) or self._compare_whole(before_text)
+        if compared is None:
             return False
-        after_doc = document.doc
-        if (
-            document.duplicate_keys
-            or not isinstance(before_doc, dict)
-            or not isinstance(after_doc, dict)
-            or before_doc.keys() != after_doc.keys()
-        ):
-            return False
-        before, after = (
-            _records_by_id(before_doc.get("jobs")),
-            _records_by_id(after_doc.get("jobs")),
-        )
-        if before is None or after is None:
-            return False
+        after_digest, after_text, before, after = compared
         edited = [
             job_id
             for job_id, (_, record) in after.items()
@@ -461,13 +466,13 @@ class Daemon:
         active += sum(job.active for job in changed)
         table = DeferredJobs(
             self._load_deferred,
-            partial(self._deferred_job, document.digest),
-            digest=document.digest,
+            partial(self._deferred_job, after_digest),
+            digest=after_digest,
             count=count,
             active=active,
         )
         table.seed(found)
-        self.jobs_digest = document.digest
+        self.jobs_digest = after_digest
         self.jobs_error = None
         for problem in problems:
             log.warning(
@@ -479,7 +484,7 @@ class Daemon:
         diff = self.engine.apply_changes(changed, removed, table)
         # Written a little later (with the memo) or on the way out: until it is, a start-up
         # finds no mark for this file (apply_changes wrote job_state) and loads it in full.
-        self._last_good_pending = document.text
+        self._last_good_pending = after_text
         self._memo_changed.set()
         log.info(
             "jobs.loaded",
@@ -491,6 +496,53 @@ class Daemon:
             deferred=True,
         )
         return True
+
+    def _compare_by_layout(self, applied: str, before_text: str) -> _Compared | None:
+        """The changed records found from the applied text's layout (chronosd.jobs.layout):
+        only the part of jobs.json that differs is parsed. None: compare whole files."""
+        from chronosd.jobs.file import read_jobs_text
+        from chronosd.jobs.layout import RecordLayout, window_changes
+
+        try:
+            stored = self.db.get_meta(META_LAST_GOOD_LAYOUT)
+            if stored is None:
+                return None
+            layout = RecordLayout.loads(stored)
+            if layout is None or layout.digest != applied:
+                return None
+            digest, text = read_jobs_text(self.config.jobs)
+        except ChronosError:
+            return None
+        changes = window_changes(before_text, text, layout)
+        if changes is None:
+            return None
+        return digest, text, changes.before, changes.after
+
+    def _compare_whole(self, before_text: str) -> _Compared | None:
+        """Both files parsed whole and their records indexed by id; None for anything only a
+        full load can report (see _load_edit)."""
+        from chronosd.jobs.file import read_jobs_document, tag_float, tag_int
+
+        try:
+            document = read_jobs_document(self.config.jobs, tagged=True)
+            before_doc = json.loads(before_text, parse_int=tag_int, parse_float=tag_float)
+        except (ChronosError, ValueError, RecursionError):
+            return None
+        after_doc = document.doc
+        if (
+            document.duplicate_keys
+            or not isinstance(before_doc, dict)
+            or not isinstance(after_doc, dict)
+            or before_doc.keys() != after_doc.keys()
+        ):
+            return None
+        before, after = (
+            _records_by_id(before_doc.get("jobs")),
+            _records_by_id(after_doc.get("jobs")),
+        )
+        if before is None or after is None:
+            return None
+        return document.digest, document.text, before, after
 
     def _deferred_job(self, applied: str, job_id: str) -> Job | None:
         """One job of the deferred file whose sha256 is ``applied``, validated alone.
@@ -681,6 +733,7 @@ class Daemon:
             await self.provider.aclose()
             self._flush_last_good()
             self._save_memo()
+            self._save_layout()
             self._save_settled()
             self._set_meta(META_DAEMON, None)
             self.db.close()
@@ -968,6 +1021,10 @@ class _KnownSchedules(Mapping[str, str]):
         if self._all is None:
             self._all = self._db.all_jobs()
         return self._all
+
+
+# (sha256 of jobs.json, its text, the compared records of the applied file, those of jobs.json)
+_Compared = tuple[str, str, dict[str, tuple[int, object]], dict[str, tuple[int, object]]]
 
 
 def _records_by_id(records: object) -> dict[str, tuple[int, object]] | None:

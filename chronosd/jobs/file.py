@@ -154,6 +154,20 @@ class JobsDocument:
     duplicate_keys: tuple[str, ...]  # keys repeated within one object
 
 
+def read_jobs_text(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(sha256 of the bytes, text) of jobs.json, read and checked as read_jobs_file reads it;
+    not parsed."""
+    file_path = Path(path)
+    raw, _info = _read(file_path, check_safety=True)
+    return hashlib.sha256(raw).hexdigest(), _decode(file_path, raw)
+
+
+def parse_jobs_text(text: str, *, tagged: bool = False) -> tuple[object, list[str]]:
+    """Parse a jobs.json text as read_jobs_file does: the value and the keys repeated within
+    an object; InvalidJobsFile when it does not parse."""
+    return _parse_text(Path("jobs.json"), text, tagged=tagged)
+
+
 def read_jobs_document(path: str | os.PathLike[str], *, tagged: bool = False) -> JobsDocument:
     """Read, check and parse jobs.json (same errors as read_jobs_file); no validation.
 
