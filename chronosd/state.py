@@ -416,7 +416,19 @@ class StateDB:
             conn.execute("PRAGMA synchronous = NORMAL")
             if self.read_only:
                 return
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            deadline = time.monotonic() + busy_timeout
+            while True:
+                try:
+                    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Turning a new database to WAL needs it alone, and SQLite answers "locked"
+                    # at once, without waiting out busy_timeout, while another process is
+                    # creating or migrating it (two daemons, or a daemon and `chronosd fire`,
+                    # started on a new state directory).
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
         if str(mode).lower() != "wal":
             raise StateError(
                 f"state database {self.path}: cannot use WAL mode (journal mode is {mode}); "

@@ -1066,3 +1066,36 @@ def test_put_jobs_writes_all_states_in_one_transaction_or_none(db: StateDB) -> N
     assert db.get_job("a") == _job("a")  # the batch's earlier rows were rolled back
     assert db.get_job("c") is None
     db.put_jobs([])  # nothing to write: no transaction
+
+
+def test_a_new_database_another_process_is_creating_is_waited_for(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    path = tmp_path / "state.db"
+    path.touch(mode=0o600)
+    creator = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    creator.execute("BEGIN IMMEDIATE")  # still in rollback mode: turning it to WAL must wait
+    creator.execute("CREATE TABLE elsewhere (a)")
+    timer = threading.Timer(0.3, lambda: creator.execute("COMMIT"))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with StateDB.open(tmp_path) as db:
+            assert db.get_meta("x") is None
+        assert time.monotonic() - started >= 0.2
+    finally:
+        timer.join()
+        creator.close()
+    # A lock that outlasts busy_timeout still fails, as one line.
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    (other / "state.db").touch(mode=0o600)
+    holder = sqlite3.connect(other / "state.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE elsewhere (a)")
+    try:
+        with pytest.raises(StateError, match="configuring failed: database is locked"):
+            StateDB.open(other, busy_timeout=0.2)
+    finally:
+        holder.close()
