@@ -114,6 +114,17 @@ def _skip(text: str, index: int) -> int:
     return index if match is None else match.end()
 
 
+def _after_item(text: str, index: int, closer: str) -> tuple[int, bool] | None:
+    """After an item of an array or object ending at *index*: (where the next item starts,
+    True) past a comma, (where *closer* is, False) at the end, None for anything else."""
+    index = _skip(text, index)
+    if text[index : index + 1] == ",":
+        return _skip(text, index + 1), True
+    if text[index : index + 1] == closer:
+        return index, False
+    return None
+
+
 class _Refused(Exception):
     pass
 
@@ -176,24 +187,22 @@ def record_layout(text: str) -> RecordLayout | None:
                         starts.append(i)
                         ends.append(end)
                         ids.append(job_id)
-                        i = _skip(text, end)
-                        if text[i : i + 1] == ",":
-                            i = _skip(text, i + 1)
-                            continue
-                        if text[i : i + 1] != "]":
+                        following = _after_item(text, end, "]")
+                        if following is None:
                             return None
-                        break
+                        i, more = following
+                        if not more:
+                            break
                 found = (opened, i, starts, ends, ids)
                 i += 1
             else:
                 _, i = scan(text, i)
-            i = _skip(text, i)
-            if text[i : i + 1] == ",":
-                i = _skip(text, i + 1)
-                continue
-            if text[i : i + 1] != "}":
+            following = _after_item(text, i, "}")
+            if following is None:
                 return None
-            break
+            i, more = following
+            if not more:
+                break
         if _skip(text, i + 1) != len(text):
             return None
     except (StopIteration, ValueError, RecursionError, _Refused):
