@@ -134,7 +134,7 @@ def test_state_directory_is_0700_and_run_logs_0600_even_under_umask_000(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(world.root),
+            env={k: v for k, v in child_env(world.root).items() if k != "PYTHONDONTWRITEBYTECODE"},
             start_new_session=True,
         )
     try:
@@ -166,6 +166,8 @@ def test_state_directory_is_0700_and_run_logs_0600_even_under_umask_000(
             if (state / f"state.db{suffix}").exists()
         },
         **{f"log {p.name}": mode(p) for p in logs},
+        # Written at exit (chronosd.methodcache; the child runs without PYTHONDONTWRITEBYTECODE).
+        **{p.name: mode(p) for p in state.glob("dataclass-methods.*")},
     }
     report(
         files=len(files),
@@ -173,6 +175,7 @@ def test_state_directory_is_0700_and_run_logs_0600_even_under_umask_000(
         modes=",".join(sorted({f"{m:04o}" for m in files.values()})),
     )
     assert len(logs) >= 2
+    assert any(name.startswith("dataclass-methods.") for name in files)
     for name, value in files.items():
         wanted = 0o700 if "dir" in name else 0o600
         assert value == wanted, (name, f"{value:04o}")
