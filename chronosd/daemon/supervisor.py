@@ -41,7 +41,12 @@ from chronosd.http.server import (
     format_listener_address,
     listener_from_fd,
 )
-from chronosd.jobs.file import check_file_safety, read_job_records, read_jobs_file
+from chronosd.jobs.file import (
+    check_file_safety,
+    read_job_records,
+    read_jobs_file,
+    text_digest,
+)
 from chronosd.jobs.model import Job, Problem
 from chronosd.jobs.validate import (
     JobDefaults,
@@ -290,11 +295,7 @@ class Daemon:
                 stored = self.db.get_meta(META_LAST_GOOD)
             except ChronosError as exc:
                 log.warning("jobs.last_good_unreadable", error=str(exc))
-            self._last_good_digest = (
-                ""
-                if stored is None
-                else hashlib.sha256(stored.encode(errors="surrogatepass")).hexdigest()
-            )
+            self._last_good_digest = "" if stored is None else text_digest(stored)
         if digest == self._last_good_digest:
             self._last_good_pending = None
         elif self._set_meta(META_LAST_GOOD, text):
@@ -402,10 +403,7 @@ class Daemon:
             before_text = self._last_good_text()
         except ChronosError:
             return False
-        if (
-            before_text is None
-            or hashlib.sha256(before_text.encode(errors="surrogatepass")).hexdigest() != applied
-        ):
+        if before_text is None or text_digest(before_text) != applied:
             return False
         # Numbers tagged: records then compare equal only when their validation cannot differ
         # (1, 1.0 and true are equal as plain values). Records that differ are untagged before

@@ -162,6 +162,12 @@ def read_jobs_text(path: str | os.PathLike[str]) -> tuple[str, str]:
     return hashlib.sha256(raw).hexdigest(), _decode(file_path, raw)
 
 
+def text_digest(text: str) -> str:
+    """sha256 of a jobs.json text as state.db keeps it (UTF-8, lone surrogates passed through):
+    the digest a settled start compares the applied text and its layout by."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def parse_jobs_text(text: str, *, tagged: bool = False) -> tuple[object, list[str]]:
     """Parse a jobs.json text as read_jobs_file does: the value and the keys repeated within
     an object; InvalidJobsFile when it does not parse."""

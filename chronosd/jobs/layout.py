@@ -20,7 +20,6 @@ its surroundings come unchanged from the applied (valid) text.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import re
@@ -29,16 +28,11 @@ from dataclasses import dataclass
 from json.decoder import JSONDecoder
 from typing import Any
 
-from chronosd.jobs.file import tag_float, tag_int
+from chronosd.jobs.file import tag_float, tag_int, text_digest
 
 LAYOUT_VERSION = 1
 # JSON's whitespace, as json.decoder skips it.
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def text_digest(text: str) -> str:
-    """The digest the layout is tied to (the text as stored, surrogates kept)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
