@@ -141,10 +141,8 @@ def write_cache(path: Path, entries: dict[str, CodeType]) -> bool:
     try:
         data = HEADER + marshal.dumps(entries)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as handle:  # a file object writes it whole (os.write may not)
+            handle.write(data)
         os.replace(temporary, path)
     except (OSError, ValueError):
         with contextlib.suppress(OSError):
